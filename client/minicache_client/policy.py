@@ -1,0 +1,309 @@
+"""Compression policies: which adjacent layers merge (MiniCache) and how KV is quantized.
+
+A policy is a small JSON-serialisable value object. It is model-agnostic where it can
+be (the paper's rule "merge from layer L/2 on" works for any depth) and explicit where
+calibration made it specific (a list of pairs). `resolve_layer_groups(num_layers)`
+turns it into the concrete layer groups of one model.
+
+Presets (see `PRESETS`): `none`, `paper` (exact paper defaults: S = L/2, t = 0.6,
+γ = 0.05, most distinct tokens retained), `paper_kivi4` (the paper's headline setting:
+that merge on top of 4-bit KIVI), `average` (plain averaging, the paper's baseline),
+`kivi4`, `kivi2`, and `default` (the policy shipped after calibration on the bundled
+model; see docs/results.md).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+RETENTION_SIDES = ("most_distinct", "least_distinct")
+MERGE_METHODS = ("slerp", "average")
+QUANT_BITS = (2, 3, 4, 8)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class Retention:
+    """Which tokens of a merged pair stay unmerged.
+
+    Angular distance d = Ω/π per (head, token). With `fraction` unset, the paper's rule:
+    min-max normalise d over the first put's tokens and heads and retain
+    d̃ ≥ 1 − γ (`side="most_distinct"`) or d̃ ≤ γ (`side="least_distinct"`). With
+    `fraction` set, retain that fraction of (head, token) units from the chosen side.
+    The first put fixes the distance threshold; later appends are tested against it.
+    `sink_tokens` leading tokens are always retained, for every head.
+    """
+
+    gamma: float = 0.05
+    fraction: float | None = None
+    side: str = "most_distinct"
+    sink_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.gamma <= 1.0, f"retention gamma must be in [0, 1], got {self.gamma}")
+        _require(
+            self.fraction is None or 0.0 <= self.fraction <= 1.0,
+            f"retention fraction must be in [0, 1], got {self.fraction}",
+        )
+        _require(
+            self.side in RETENTION_SIDES,
+            f"retention side must be one of {RETENTION_SIDES}, got {self.side!r}",
+        )
+        _require(self.sink_tokens >= 0, f"sink_tokens must be >= 0, got {self.sink_tokens}")
+
+
+@dataclass(frozen=True)
+class PairMerge:
+    """Merge layers (first_layer, first_layer + 1), keys and/or values.
+
+    `method="slerp"`: SLERP of directions with interpolation `t`, both layers'
+    magnitudes kept per token. `method="average"`: both layers restored as their
+    plain mean (the paper's baseline; `t` and retention unused).
+    """
+
+    first_layer: int
+    keys: bool = True
+    values: bool = True
+    t: float = 0.6
+    method: str = "slerp"
+    retention: Retention | None = field(default_factory=Retention)
+
+    def __post_init__(self) -> None:
+        _require(self.first_layer >= 0, f"first_layer must be >= 0, got {self.first_layer}")
+        _require(self.keys or self.values, "a pair must merge keys, values or both")
+        _require(0.0 <= self.t <= 1.0, f"t must be in [0, 1], got {self.t}")
+        _require(
+            self.method in MERGE_METHODS,
+            f"merge method must be one of {MERGE_METHODS}, got {self.method!r}",
+        )
+
+    @property
+    def layers(self) -> tuple[int, int]:
+        return (self.first_layer, self.first_layer + 1)
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Either the paper's rule (pairs (S, S+1), (S+2, S+3), ... from `start_layer`,
+    default L/2, all with the same settings) or an explicit list of `pairs`."""
+
+    start_layer: int | None = None
+    pairs: tuple[PairMerge, ...] | None = None
+    keys: bool = True
+    values: bool = True
+    t: float = 0.6
+    method: str = "slerp"
+    retention: Retention | None = field(default_factory=Retention)
+
+    def __post_init__(self) -> None:
+        if self.pairs is not None:
+            _require(self.start_layer is None, "give either start_layer or pairs, not both")
+            layers = [layer for pair in self.pairs for layer in pair.layers]
+            _require(
+                len(layers) == len(set(layers)),
+                f"merge pairs overlap: {[pair.layers for pair in self.pairs]}",
+            )
+        else:
+            # Validates the shared settings once.
+            PairMerge(0, self.keys, self.values, self.t, self.method, self.retention)
+
+    def resolve(self, num_layers: int) -> tuple[PairMerge, ...]:
+        """The concrete pairs for a model with `num_layers` layers."""
+        if self.pairs is not None:
+            for pair in self.pairs:
+                _require(
+                    pair.first_layer + 1 < num_layers,
+                    f"merge pair {pair.layers} is out of range for a model of {num_layers} layers",
+                )
+            return tuple(sorted(self.pairs, key=lambda pair: pair.first_layer))
+        start = num_layers // 2 if self.start_layer is None else self.start_layer
+        _require(
+            0 <= start < num_layers,
+            f"start_layer {start} is out of range for {num_layers} layers",
+        )
+        return tuple(
+            PairMerge(first, self.keys, self.values, self.t, self.method, self.retention)
+            for first in range(start, num_layers - 1, 2)
+        )
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """KIVI-style asymmetric min/max quantization stacked on whatever is stored.
+
+    Keys per channel, in groups of `key_group_size` tokens; values per token, in groups
+    of `value_group_size` channels. `bits=None` keeps that side in 16-bit. The first
+    `sink_tokens` tokens and the `window` most recent ones stay in 16-bit; layers in
+    `full_precision_layers` are not quantized at all.
+    """
+
+    key_bits: int | None = 4
+    value_bits: int | None = 4
+    key_group_size: int = 32
+    value_group_size: int = 32
+    window: int = 0
+    sink_tokens: int = 0
+    full_precision_layers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for side, bits in (("key_bits", self.key_bits), ("value_bits", self.value_bits)):
+            _require(
+                bits is None or bits in QUANT_BITS,
+                f"{side} must be one of {QUANT_BITS} or null, got {bits}",
+            )
+        _require(self.key_group_size >= 1, "key_group_size must be >= 1")
+        _require(self.value_group_size >= 1, "value_group_size must be >= 1")
+        _require(self.window >= 0, "window must be >= 0")
+        _require(self.sink_tokens >= 0, "sink_tokens must be >= 0")
+
+    def bits_for(self, kind: str, layer: int) -> int | None:
+        if layer in self.full_precision_layers:
+            return None
+        return self.key_bits if kind == "keys" else self.value_bits
+
+
+@dataclass(frozen=True)
+class LayerGroup:
+    """One stored unit: a single layer, or a pair merged for keys and/or values."""
+
+    layers: tuple[int, ...]
+    merge: PairMerge | None = None
+
+
+@dataclass(frozen=True)
+class CompressionPolicy:
+    name: str = "custom"
+    merge: MergePlan | None = None
+    quantization: Quantization | None = None
+    description: str = ""
+
+    def resolve_layer_groups(self, num_layers: int) -> tuple[LayerGroup, ...]:
+        """Every layer of the model exactly once, in layer order."""
+        _require(num_layers >= 1, f"num_layers must be >= 1, got {num_layers}")
+        pairs = self.merge.resolve(num_layers) if self.merge else ()
+        by_first = {pair.first_layer: pair for pair in pairs}
+        groups: list[LayerGroup] = []
+        layer = 0
+        while layer < num_layers:
+            pair = by_first.get(layer)
+            if pair is not None:
+                groups.append(LayerGroup(pair.layers, pair))
+                layer += 2
+            else:
+                groups.append(LayerGroup((layer,)))
+                layer += 1
+        return tuple(groups)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompressionPolicy:
+        try:
+            return _policy_from_dict(data)
+        except (TypeError, KeyError, AttributeError) as exc:
+            raise ValueError(f"malformed compression policy: {exc}") from exc
+
+    @classmethod
+    def from_json(cls, text: str) -> CompressionPolicy:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"compression policy is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ValueError("compression policy JSON must be an object")
+        return cls.from_dict(data)
+
+
+def _retention_from(data: dict[str, Any] | None) -> Retention | None:
+    return None if data is None else Retention(**data)
+
+
+def _pair_from(data: dict[str, Any]) -> PairMerge:
+    data = dict(data)
+    data["retention"] = _retention_from(data.get("retention"))
+    return PairMerge(**data)
+
+
+def _policy_from_dict(data: dict[str, Any]) -> CompressionPolicy:
+    merge = data.get("merge")
+    if merge is not None:
+        merge = dict(merge)
+        merge["retention"] = _retention_from(merge.get("retention"))
+        if merge.get("pairs") is not None:
+            merge["pairs"] = tuple(_pair_from(pair) for pair in merge["pairs"])
+        merge = MergePlan(**merge)
+    quantization = data.get("quantization")
+    if quantization is not None:
+        quantization = dict(quantization)
+        quantization["full_precision_layers"] = tuple(quantization.get("full_precision_layers", ()))
+        quantization = Quantization(**quantization)
+    return CompressionPolicy(
+        name=data.get("name", "custom"),
+        merge=merge,
+        quantization=quantization,
+        description=data.get("description", ""),
+    )
+
+
+_PAPER_MERGE = MergePlan(start_layer=None, t=0.6, retention=Retention(gamma=0.05))
+_KIVI4 = Quantization(key_bits=4, value_bits=4, key_group_size=32, value_group_size=32)
+
+_DEFAULT_POLICY_FILE = Path(__file__).with_name("default_policy.json")
+
+PRESETS: dict[str, CompressionPolicy] = {
+    "none": CompressionPolicy("none", description="no compression: the full 16-bit cache"),
+    "paper": CompressionPolicy(
+        "paper",
+        merge=_PAPER_MERGE,
+        description="MiniCache paper defaults: SLERP merge from L/2, t=0.6, gamma=0.05",
+    ),
+    "paper_kivi4": CompressionPolicy(
+        "paper_kivi4",
+        merge=_PAPER_MERGE,
+        quantization=_KIVI4,
+        description="paper merge stacked on 4-bit KIVI (the paper's headline setting)",
+    ),
+    "average": CompressionPolicy(
+        "average",
+        merge=MergePlan(start_layer=None, method="average", retention=None),
+        description="plain average of adjacent layers from L/2 (the paper's baseline)",
+    ),
+    "kivi4": CompressionPolicy(
+        "kivi4", quantization=_KIVI4, description="KIVI-style 4-bit keys and values, groups of 32"
+    ),
+    "kivi2": CompressionPolicy(
+        "kivi2",
+        quantization=replace(_KIVI4, key_bits=2, value_bits=2),
+        description="KIVI-style 2-bit keys and values, groups of 32",
+    ),
+}
+if _DEFAULT_POLICY_FILE.exists():
+    PRESETS["default"] = replace(
+        CompressionPolicy.from_json(_DEFAULT_POLICY_FILE.read_text()), name="default"
+    )
+
+
+def load_policy(name_or_path: str) -> CompressionPolicy:
+    """A preset by name, or a policy JSON file by path."""
+    if name_or_path in PRESETS:
+        return PRESETS[name_or_path]
+    path = Path(name_or_path)
+    if path.suffix == ".json" or path.exists():
+        if not path.is_file():
+            raise ValueError(f"policy file {name_or_path!r} does not exist")
+        return CompressionPolicy.from_json(path.read_text())
+    raise ValueError(
+        f"unknown policy {name_or_path!r}: use a preset ({', '.join(PRESETS)}) "
+        "or the path of a policy JSON file"
+    )
