@@ -1,0 +1,329 @@
+"""Calibration: measure what each candidate merge and quantization costs on one model,
+and build the policy with the highest compression ratio inside an accuracy budget.
+
+Why: on small models adjacent layers' KV are not similar, so the paper's fixed rule
+("merge every pair from L/2") costs a lot; which pairs, K or V, which t, and which
+quantization a model tolerates is an empirical question, answered here on the
+calibration split of the essays (disjoint from the evaluation split).
+
+Cost of a candidate = relative perplexity increase of `scored_tokens` continuation
+tokens, teacher-forced in one chunk, attending to a compressed prefix of
+`context_tokens`, averaged over several windows of calibration text. The prefix KV is
+computed once per window with the model's own cache (compression never changes the
+prefill itself: prefix tokens attend to each other as computed), so one candidate
+costs one encode, one restore and one chunked forward per window.
+
+Search, greedy and measured at every step:
+1. every quantization candidate; keep those within the budget;
+2. on each of the best few, every single-pair merge (pair, K or V, t); rank them by
+   perplexity cost per stored byte saved;
+3. add merges in that order, re-measuring the combined policy each time, keeping a
+   merge only while the combined cost stays within the budget.
+The policy with the highest measured ratio wins.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from minicache_client.policy import (
+    PRESETS,
+    CompressionPolicy,
+    MergePlan,
+    PairMerge,
+    Quantization,
+)
+from minicache_server.compression import SequenceEncoder
+from minicache_worker.compressed_cache import STORE_DTYPE, CompressedCache
+from minicache_worker.models import LoadedModel
+from minicache_worker.texts import split_text
+
+# Quantization candidates, from gentle to aggressive. Keys per channel in groups of
+# `key_group_size` tokens, values per token in groups of `value_group_size` channels;
+# the first tokens ("attention sinks") carry outliers that wreck a group's min/max
+# range, so most candidates keep a few of them in 16-bit.
+QUANTIZATION_CANDIDATES: tuple[Quantization, ...] = (
+    Quantization(4, 4, 32, 32),
+    Quantization(4, 4, 64, 32, sink_tokens=4),
+    Quantization(4, 3, 64, 32, sink_tokens=4),
+    Quantization(3, 3, 128, 64, sink_tokens=4),
+    Quantization(3, 3, 128, 64, sink_tokens=16),
+    Quantization(4, 2, 128, 64, sink_tokens=16),
+    Quantization(3, 2, 128, 32, sink_tokens=4),
+    Quantization(3, 2, 128, 64, sink_tokens=4),
+    Quantization(3, 2, 128, 64, sink_tokens=16),
+    Quantization(3, 2, 128, 64, sink_tokens=32),
+    Quantization(2, 3, 128, 64, sink_tokens=16),
+    Quantization(2, 2, 128, 64, sink_tokens=16),
+)
+MERGE_T_VALUES: tuple[float, ...] = (0.6,)
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    budget: float = 0.015  # allowed relative perplexity increase on calibration text
+    context_tokens: int = 1024
+    scored_tokens: int = 256
+    windows: int = 6
+    quantization_finalists: int = 1
+    t_values: tuple[float, ...] = MERGE_T_VALUES
+    quantization_candidates: tuple[Quantization, ...] = QUANTIZATION_CANDIDATES
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.budget < 1.0:
+            raise ValueError(f"budget must be in (0, 1), got {self.budget}")
+        if self.context_tokens < 16 or self.scored_tokens < 2:
+            raise ValueError("context_tokens must be >= 16 and scored_tokens >= 2")
+        if self.windows < 1 or self.quantization_finalists < 1:
+            raise ValueError("windows and quantization_finalists must be >= 1")
+        if not self.t_values or any(not 0.0 <= t <= 1.0 for t in self.t_values):
+            raise ValueError(f"t_values must be non-empty, each in [0, 1], got {self.t_values}")
+
+
+@dataclass(frozen=True)
+class Measurement:
+    policy: CompressionPolicy
+    perplexity: float
+    cost: float  # perplexity / baseline perplexity - 1
+    compression_ratio: float
+    stored_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy.to_dict(),
+            "perplexity": self.perplexity,
+            "cost": self.cost,
+            "compression_ratio": self.compression_ratio,
+            "stored_bytes": self.stored_bytes,
+        }
+
+
+@dataclass
+class CalibrationWindow:
+    """One piece of calibration text: its prefix KV (computed once) and scored tokens."""
+
+    prefix_kv: list[tuple[Any, Any]]  # per layer: keys, values as fp16 [kv_heads, T, d]
+    continuation: torch.Tensor  # 1-D token ids; the first is predicted by the prefix
+
+
+class CalibrationScorer:
+    """Perplexity of calibration continuations after a compressed prefix."""
+
+    def __init__(self, lm: LoadedModel, settings: CalibrationSettings) -> None:
+        self.lm = lm
+        self.settings = settings
+        tokens = lm.tokenizer(
+            split_text("calibration"), return_tensors="pt", add_special_tokens=False
+        ).input_ids[0]
+        span = settings.context_tokens + settings.scored_tokens
+        if tokens.numel() < span * settings.windows:
+            raise ValueError(
+                f"the calibration text has {tokens.numel()} tokens; {settings.windows} "
+                f"windows of {span} need {span * settings.windows}"
+            )
+        stride = tokens.numel() // settings.windows
+        self.windows = [
+            self._window(tokens[i * stride : i * stride + span]) for i in range(settings.windows)
+        ]
+        self.baseline = self._perplexity(PRESETS["none"])[0]
+
+    @torch.inference_mode()
+    def _window(self, ids: torch.Tensor) -> CalibrationWindow:
+        context = self.settings.context_tokens
+        cache = DynamicCache()
+        self.lm.model(ids[None, :context], past_key_values=cache, use_cache=True)
+        prefix_kv = [
+            (
+                layer.keys[0].to(torch.float16).numpy(),
+                layer.values[0].to(torch.float16).numpy(),
+            )
+            for layer in cache.layers
+        ]
+        return CalibrationWindow(prefix_kv, ids[context:])
+
+    @torch.inference_mode()
+    def _perplexity(self, policy: CompressionPolicy) -> tuple[float, float, int]:
+        """(perplexity, compression ratio, stored bytes) over all windows."""
+        nll, count, stored, fp16 = 0.0, 0, 0, 0
+        for window in self.windows:
+            store = SequenceEncoder(
+                policy,
+                num_layers=self.lm.num_layers,
+                kv_heads=self.lm.kv_heads,
+                head_dim=self.lm.head_dim,
+                dtype=STORE_DTYPE,
+            )
+            for layer, (keys, values) in enumerate(window.prefix_kv):
+                store.put_layer(layer, keys, values, seal=True)
+            stored += store.stored_bytes()
+            fp16 += store.fp16_bytes()
+            cache = CompressedCache(store, self.lm.num_layers)
+            ids = window.continuation
+            logits = self.lm.model(ids[None, :-1], past_key_values=cache, use_cache=True).logits[0]
+            nll += float(torch.nn.functional.cross_entropy(logits, ids[1:], reduction="sum"))
+            count += ids.numel() - 1
+        return math.exp(nll / count), fp16 / stored, stored // len(self.windows)
+
+    def measure(self, policy: CompressionPolicy) -> Measurement:
+        perplexity, ratio, stored = self._perplexity(policy)
+        return Measurement(policy, perplexity, perplexity / self.baseline - 1, ratio, stored)
+
+
+def with_pairs(policy: CompressionPolicy, pairs: Sequence[PairMerge]) -> CompressionPolicy:
+    merge = MergePlan(pairs=tuple(pairs)) if pairs else None
+    return replace(policy, merge=merge)
+
+
+def merge_candidates(num_layers: int, t_values: Sequence[float]) -> list[PairMerge]:
+    """Every adjacent pair, keys or values alone, each t; no retained tokens (a retained
+    token is stored twice in 16-bit, which no ratio gain survives at these sizes)."""
+    return [
+        PairMerge(first, keys=kind == "keys", values=kind == "values", t=t, retention=None)
+        for first in range(num_layers - 1)
+        for kind in ("keys", "values")
+        for t in t_values
+    ]
+
+
+def _combine(existing: Sequence[PairMerge], candidate: PairMerge) -> list[PairMerge] | None:
+    """`existing` plus `candidate`; the same layer pair merging the other side joins it
+    (same t only). None when the candidate overlaps a pair it cannot join."""
+    pairs = list(existing)
+    for index, pair in enumerate(pairs):
+        if pair.layers == candidate.layers:
+            if (
+                pair.t != candidate.t
+                or (pair.keys and candidate.keys)
+                or (pair.values and candidate.values)
+            ):
+                return None
+            pairs[index] = replace(pair, keys=True, values=True)
+            return pairs
+        if set(pair.layers) & set(candidate.layers):
+            return None
+    return [*pairs, candidate]
+
+
+@dataclass
+class CalibrationReport:
+    model: str
+    budget: float
+    baseline_perplexity: float
+    best: Measurement
+    quantization: list[Measurement] = field(default_factory=list)
+    single_merges: list[Measurement] = field(default_factory=list)
+    steps: list[Measurement] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "budget": self.budget,
+            "baseline_perplexity": self.baseline_perplexity,
+            "best": self.best.to_dict(),
+            "quantization": [m.to_dict() for m in self.quantization],
+            "single_merges": [m.to_dict() for m in self.single_merges],
+            "steps": [m.to_dict() for m in self.steps],
+            "seconds": self.seconds,
+        }
+
+
+def calibrate(
+    lm: LoadedModel,
+    settings: CalibrationSettings | None = None,
+    progress: Callable[[str], None] = lambda message: None,
+) -> CalibrationReport:
+    settings = settings or CalibrationSettings()
+    started = time.perf_counter()
+    scorer = CalibrationScorer(lm, settings)
+    progress(f"baseline perplexity {scorer.baseline:.3f} on {settings.windows} windows")
+
+    def measured(policy: CompressionPolicy, label: str) -> Measurement:
+        result = scorer.measure(policy)
+        progress(f"{label}: cost {result.cost:+.2%}, ratio {result.compression_ratio:.2f}")
+        return result
+
+    quantization = [
+        measured(CompressionPolicy("calibrated", quantization=q), f"quantization {q}")
+        for q in settings.quantization_candidates
+    ]
+    within = [m for m in quantization if m.cost <= settings.budget]
+    if not within:
+        raise ValueError(
+            f"no quantization candidate stays within a {settings.budget:.2%} perplexity "
+            "budget on this model; raise --budget"
+        )
+    finalists = sorted(within, key=lambda m: -m.compression_ratio)[
+        : settings.quantization_finalists
+    ]
+    best = finalists[0]
+    single_merges: list[Measurement] = []
+    steps: list[Measurement] = []
+    for start in finalists:
+        singles = [
+            measured(with_pairs(start.policy, [pair]), f"  merge {pair.layers} {pair}")
+            for pair in merge_candidates(lm.num_layers, settings.t_values)
+        ]
+        single_merges.extend(singles)
+
+        def cost_per_byte(m: Measurement, start: Measurement = start) -> float:
+            saved = start.stored_bytes - m.stored_bytes
+            return (m.cost - start.cost) / saved if saved > 0 else math.inf
+
+        current = start
+        pairs: list[PairMerge] = []
+        for single in sorted(singles, key=cost_per_byte):
+            if single.cost > settings.budget or cost_per_byte(single) == math.inf:
+                continue
+            combined = _combine(pairs, single.policy.merge.pairs[0])
+            if combined is None:
+                continue
+            trial = measured(with_pairs(start.policy, combined), f"  + {len(combined)} merges")
+            if (
+                trial.cost <= settings.budget
+                and trial.compression_ratio > current.compression_ratio
+            ):
+                pairs, current = combined, trial
+                steps.append(trial)
+        if current.compression_ratio > best.compression_ratio:
+            best = current
+    return CalibrationReport(
+        model=lm.name,
+        budget=settings.budget,
+        baseline_perplexity=scorer.baseline,
+        best=best,
+        quantization=quantization,
+        single_merges=single_merges,
+        steps=steps,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def calibrated_policy(report: CalibrationReport, name: str = "calibrated") -> CompressionPolicy:
+    best = report.best
+    return replace(
+        best.policy,
+        name=name,
+        description=(
+            f"calibrated on {report.model}: cost {best.cost:+.2%} (budget "
+            f"{report.budget:.2%}), ratio {best.compression_ratio:.2f} on calibration text"
+        ),
+    )
+
+
+__all__ = [
+    "CalibrationReport",
+    "CalibrationScorer",
+    "CalibrationSettings",
+    "Measurement",
+    "calibrate",
+    "calibrated_policy",
+    "merge_candidates",
+]

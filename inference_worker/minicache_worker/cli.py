@@ -1,0 +1,182 @@
+"""`minicache-worker`: accuracy evaluation and calibration of compression policies.
+
+    minicache-worker eval --model smollm2 --policy default --json out.json
+    minicache-worker eval --model smollm2 --policy all --json all.json --plot pareto.png
+    minicache-worker calibrate --model smollm2 --out policy.json --report report.json
+
+`--model` takes the bundled model's name, a local .gguf file, or a local Hugging Face
+model directory. `--policy` takes a preset name, a policy JSON file, or `all` (every
+preset); repeat it to compare several in one run against one shared baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from minicache_client.policy import PRESETS, CompressionPolicy, load_policy
+
+CALIBRATION_FLAGS = ("budget", "context_tokens", "scored_tokens", "windows")
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _policies(specs: list[str]) -> list[CompressionPolicy]:
+    policies: list[CompressionPolicy] = []
+    for spec in specs:
+        chosen = list(PRESETS.values()) if spec == "all" else [load_policy(spec)]
+        policies.extend(policy for policy in chosen if policy not in policies)
+    return policies
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    header = (
+        f"{'policy':<14} {'ratio':>6} {'perplexity':>10} {'full':>8} {'increase':>9} "
+        f"{'needle':>7} {'full':>5} {'greedy':>7}"
+    )
+    rows = [header, "-" * len(header)]
+    for r in results:
+        rows.append(
+            f"{r['policy']:<14} {r['compression_ratio']:>6.2f} {r['perplexity']:>10.3f} "
+            f"{r['perplexity_full']:>8.3f} {r['perplexity_increase']:>+9.2%} "
+            f"{r['needle_accuracy']:>7.0%} {r['needle_accuracy_full']:>5.0%} "
+            f"{r['greedy_agreement']:>7.1%}"
+        )
+    return "\n".join(rows)
+
+
+def write_plot(results: list[dict[str, Any]], path: Path) -> None:
+    """Compression ratio against perplexity increase, one labelled point per policy."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ValueError("--plot needs matplotlib: pip install 'minicache-worker[plot]'") from exc
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        x, y = r["compression_ratio"], 100 * r["perplexity_increase"]
+        axes.scatter([x], [y], s=30)
+        axes.annotate(r["policy"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    axes.set_yscale("symlog", linthresh=2.0)
+    axes.axhline(2.0, color="grey", linestyle=":", linewidth=1)
+    axes.set_xlabel("compression ratio (fp16 bytes / stored bytes)")
+    axes.set_ylabel("perplexity increase vs full cache (%)")
+    model = results[0]["model"] if results else ""
+    axes.set_title(f"MiniCache policies on {model}: {results[0]['context_tokens']}-token prefix")
+    axes.grid(True, linewidth=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from minicache_worker.evaluation import EvalSettings, Evaluator
+    from minicache_worker.models import load_model
+
+    policies = _policies(args.policy)
+    settings = EvalSettings(**{f.name: getattr(args, f.name) for f in fields(EvalSettings)})
+    _progress(f"loading {args.model}")
+    evaluator = Evaluator(load_model(args.model), settings)
+    results = []
+    for policy in policies:
+        _progress(f"evaluating {policy.name}")
+        results.append(evaluator.evaluate(policy))
+        _progress(format_table(results[-1:]).splitlines()[-1])
+    print(format_table(results))
+    if args.json:
+        _write_json(args.json, results[0] if len(results) == 1 else results)
+    if args.plot:
+        write_plot(results, args.plot)
+    return 0
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from minicache_worker.calibration import CalibrationSettings, calibrate, calibrated_policy
+    from minicache_worker.models import load_model
+
+    settings = CalibrationSettings(**{name: getattr(args, name) for name in CALIBRATION_FLAGS})
+    _progress(f"loading {args.model}")
+    report = calibrate(load_model(args.model), settings, _progress)
+    policy = calibrated_policy(report, args.name)
+    _write_json(args.out, policy.to_dict())
+    if args.report:
+        _write_json(args.report, report.to_dict())
+    print(
+        f"{args.out}: cost {report.best.cost:+.2%} (budget {settings.budget:.2%}), "
+        f"compression ratio {report.best.compression_ratio:.2f} on calibration text, "
+        f"{len(report.best.policy.merge.pairs) if report.best.policy.merge else 0} merged pairs"
+    )
+    return 0
+
+
+def _add_settings(
+    parser: argparse.ArgumentParser, settings: type, names: tuple[str, ...] | None = None
+) -> None:
+    """One flag per numeric field of a settings dataclass, defaulting to its default."""
+    for field in fields(settings):
+        if names is None or field.name in names:
+            parser.add_argument(
+                f"--{field.name.replace('_', '-')}",
+                type=type(field.default),
+                default=field.default,
+                dest=field.name,
+            )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from minicache_worker.calibration import CalibrationSettings
+    from minicache_worker.evaluation import EvalSettings
+
+    parser = argparse.ArgumentParser(prog="minicache-worker", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    model_help = "bundled model name (smollm2), a local .gguf file or a local HF model directory"
+    evaluate = commands.add_parser("eval", help="measure what policies cost in accuracy")
+    evaluate.add_argument("--model", default="smollm2", help=model_help)
+    evaluate.add_argument(
+        "--policy",
+        action="append",
+        required=True,
+        help="preset name, policy JSON file, or 'all'; repeat to compare several",
+    )
+    evaluate.add_argument("--json", type=Path, help="write the results here")
+    evaluate.add_argument("--plot", type=Path, help="write a PNG of ratio vs perplexity increase")
+    _add_settings(evaluate, EvalSettings)
+    evaluate.set_defaults(handler=run_eval)
+
+    cal = commands.add_parser("calibrate", help="build a policy within an accuracy budget")
+    cal.add_argument("--model", default="smollm2", help=model_help)
+    cal.add_argument("--out", type=Path, required=True, help="where to write the policy JSON")
+    cal.add_argument("--report", type=Path, help="write every measurement here")
+    cal.add_argument("--name", default="calibrated", help="name of the written policy")
+    _add_settings(cal, CalibrationSettings, CALIBRATION_FLAGS)
+    cal.set_defaults(handler=run_calibrate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from minicache_worker.models import UnsupportedModelError
+
+    try:
+        return args.handler(args)
+    except (UnsupportedModelError, ValueError, OSError) as exc:
+        print(f"minicache-worker: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
