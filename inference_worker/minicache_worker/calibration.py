@@ -74,6 +74,7 @@ class CalibrationSettings:
     windows: int = 6
     quantization_finalists: int = 1
     t_values: tuple[float, ...] = MERGE_T_VALUES
+    merge_first_layers: tuple[int, ...] | None = None  # candidate pairs; None: every pair
     quantization_candidates: tuple[Quantization, ...] = QUANTIZATION_CANDIDATES
 
     def __post_init__(self) -> None:
@@ -176,17 +177,35 @@ class CalibrationScorer:
         return Measurement(policy, perplexity, perplexity / self.baseline - 1, ratio, stored)
 
 
+def quantization_label(q: Quantization) -> str:
+    """Short form for progress lines, e.g. 'K3/V2 groups 128/64, 32 sink tokens'."""
+    bits = f"K{q.key_bits or 16}/V{q.value_bits or 16}"
+    return f"{bits} groups {q.key_group_size}/{q.value_group_size}, {q.sink_tokens} sink tokens"
+
+
+def merge_label(pair: PairMerge) -> str:
+    kinds = "+".join(kind for kind in ("keys", "values") if getattr(pair, kind))
+    return f"merge layers {pair.layers} {kinds}, t={pair.t}"
+
+
 def with_pairs(policy: CompressionPolicy, pairs: Sequence[PairMerge]) -> CompressionPolicy:
     merge = MergePlan(pairs=tuple(pairs)) if pairs else None
     return replace(policy, merge=merge)
 
 
-def merge_candidates(num_layers: int, t_values: Sequence[float]) -> list[PairMerge]:
-    """Every adjacent pair, keys or values alone, each t; no retained tokens (a retained
-    token is stored twice in 16-bit, which no ratio gain survives at these sizes)."""
+def merge_candidates(
+    num_layers: int, t_values: Sequence[float], first_layers: Sequence[int] | None = None
+) -> list[PairMerge]:
+    """Each adjacent pair (or those starting at `first_layers`), keys or values alone,
+    each t; no retained tokens (a retained token is stored twice in 16-bit, which no
+    ratio gain survives at these sizes)."""
+    firsts = range(num_layers - 1) if first_layers is None else first_layers
+    for first in firsts:
+        if not 0 <= first < num_layers - 1:
+            raise ValueError(f"no layer pair starts at {first} in a model of {num_layers} layers")
     return [
         PairMerge(first, keys=kind == "keys", values=kind == "values", t=t, retention=None)
-        for first in range(num_layers - 1)
+        for first in firsts
         for kind in ("keys", "values")
         for t in t_values
     ]
@@ -251,7 +270,7 @@ def calibrate(
         return result
 
     quantization = [
-        measured(CompressionPolicy("calibrated", quantization=q), f"quantization {q}")
+        measured(CompressionPolicy("calibrated", quantization=q), quantization_label(q))
         for q in settings.quantization_candidates
     ]
     within = [m for m in quantization if m.cost <= settings.budget]
@@ -268,8 +287,10 @@ def calibrate(
     steps: list[Measurement] = []
     for start in finalists:
         singles = [
-            measured(with_pairs(start.policy, [pair]), f"  merge {pair.layers} {pair}")
-            for pair in merge_candidates(lm.num_layers, settings.t_values)
+            measured(with_pairs(start.policy, [pair]), "  " + merge_label(pair))
+            for pair in merge_candidates(
+                lm.num_layers, settings.t_values, settings.merge_first_layers
+            )
         ]
         single_merges.extend(singles)
 

@@ -1,0 +1,84 @@
+"""Calibration: candidate generation, combining merges, and a small real run."""
+
+from __future__ import annotations
+
+import pytest
+
+from minicache_client.policy import CompressionPolicy, PairMerge, Quantization, load_policy
+from minicache_worker.calibration import (
+    CalibrationScorer,
+    CalibrationSettings,
+    _combine,
+    calibrate,
+    calibrated_policy,
+    merge_candidates,
+)
+from minicache_worker.texts import split_text
+
+
+def test_merge_candidates_cover_each_pair_side_and_t() -> None:
+    candidates = merge_candidates(30, (0.3, 0.6))
+    assert len(candidates) == 29 * 2 * 2
+    assert all(c.keys != c.values and c.retention is None for c in candidates)
+    assert {c.first_layer for c in merge_candidates(30, (0.6,), (4, 28))} == {4, 28}
+    with pytest.raises(ValueError, match="no layer pair starts at 29"):
+        merge_candidates(30, (0.6,), (29,))
+
+
+def test_combine_joins_the_other_side_of_a_pair_and_refuses_overlaps() -> None:
+    keys = PairMerge(10, keys=True, values=False, retention=None)
+    values = PairMerge(10, keys=False, values=True, retention=None)
+    assert _combine([keys], values) == [PairMerge(10, True, True, retention=None)]
+    assert _combine([keys], keys) is None
+    assert _combine([keys], PairMerge(11, retention=None)) is None  # layer 11 is taken
+    assert _combine([keys], PairMerge(10, keys=False, t=0.3, retention=None)) is None
+    assert _combine([keys], PairMerge(12, retention=None)) == [keys, PairMerge(12, retention=None)]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"budget": 0.0}, {"budget": 1.5}, {"windows": 0}, {"t_values": ()}, {"scored_tokens": 1}],
+)
+def test_settings_are_validated(bad) -> None:
+    with pytest.raises(ValueError):
+        CalibrationSettings(**bad)
+
+
+SMALL = CalibrationSettings(
+    budget=0.05,
+    context_tokens=96,
+    scored_tokens=24,
+    windows=2,
+    merge_first_layers=(26, 28),
+    quantization_candidates=(Quantization(4, 4, 32, 32), Quantization(2, 2, 32, 32)),
+)
+
+
+@pytest.mark.model
+def test_calibration_scores_only_calibration_text(lm) -> None:
+    scorer = CalibrationScorer(lm, SMALL)
+    calibration, evaluation = split_text("calibration"), split_text("evaluation")
+    for window in scorer.windows:
+        text = lm.tokenizer.decode(window.continuation)
+        assert text.strip()[:80] in calibration
+        assert text.strip()[:80] not in evaluation
+        assert len(window.prefix_kv) == lm.num_layers
+        assert window.prefix_kv[0][0].shape == (lm.kv_heads, SMALL.context_tokens, lm.head_dim)
+    assert scorer.measure(CompressionPolicy("none")).cost == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.model
+def test_small_calibration_returns_the_best_policy_within_budget(lm, tmp_path) -> None:
+    report = calibrate(lm, SMALL)
+    best = report.best
+    assert best.cost <= SMALL.budget
+    within = [m for m in report.quantization if m.cost <= SMALL.budget]
+    assert best.compression_ratio >= max(m.compression_ratio for m in within)
+    assert len(report.single_merges) == 2 * 2  # two pairs, keys or values
+    for step in report.steps:
+        assert step.cost <= SMALL.budget
+    policy = calibrated_policy(report, "mine")
+    path = tmp_path / "mine.json"
+    path.write_text(policy.to_json())
+    assert load_policy(str(path)) == policy
+    assert "budget 5.00%" in policy.description
