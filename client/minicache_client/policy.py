@@ -135,6 +135,27 @@ class MergePlan:
 
 
 @dataclass(frozen=True)
+class LayerBits:
+    """Bit widths of one layer, overriding the policy-wide ones (None: 16-bit)."""
+
+    layer: int
+    key_bits: int | None
+    value_bits: int | None
+
+    def __post_init__(self) -> None:
+        _require(self.layer >= 0, f"layer_bits layer must be >= 0, got {self.layer}")
+        _check_bits(f"layer {self.layer} key_bits", self.key_bits)
+        _check_bits(f"layer {self.layer} value_bits", self.value_bits)
+
+
+def _check_bits(what: str, bits: int | None) -> None:
+    _require(
+        bits is None or bits in QUANT_BITS,
+        f"{what} must be one of {QUANT_BITS} or null, got {bits}",
+    )
+
+
+@dataclass(frozen=True)
 class Quantization:
     """KIVI-style asymmetric min/max quantization stacked on whatever is stored.
 
@@ -151,13 +172,13 @@ class Quantization:
     window: int = 0
     sink_tokens: int = 0
     full_precision_layers: tuple[int, ...] = ()
+    layer_bits: tuple[LayerBits, ...] = ()
 
     def __post_init__(self) -> None:
-        for side, bits in (("key_bits", self.key_bits), ("value_bits", self.value_bits)):
-            _require(
-                bits is None or bits in QUANT_BITS,
-                f"{side} must be one of {QUANT_BITS} or null, got {bits}",
-            )
+        _check_bits("key_bits", self.key_bits)
+        _check_bits("value_bits", self.value_bits)
+        layers = [override.layer for override in self.layer_bits]
+        _require(len(layers) == len(set(layers)), f"layer_bits names a layer twice: {layers}")
         _require(self.key_group_size >= 1, "key_group_size must be >= 1")
         _require(self.value_group_size >= 1, "value_group_size must be >= 1")
         _require(self.window >= 0, "window must be >= 0")
@@ -166,7 +187,8 @@ class Quantization:
     def bits_for(self, kind: str, layer: int) -> int | None:
         if layer in self.full_precision_layers:
             return None
-        return self.key_bits if kind == "keys" else self.value_bits
+        bits = next((o for o in self.layer_bits if o.layer == layer), self)
+        return bits.key_bits if kind == "keys" else bits.value_bits
 
 
 @dataclass(frozen=True)
@@ -187,6 +209,13 @@ class CompressionPolicy:
     def resolve_layer_groups(self, num_layers: int) -> tuple[LayerGroup, ...]:
         """Every layer of the model exactly once, in layer order."""
         _require(num_layers >= 1, f"num_layers must be >= 1, got {num_layers}")
+        if self.quantization is not None:
+            named = [o.layer for o in self.quantization.layer_bits]
+            named += list(self.quantization.full_precision_layers)
+            _require(
+                all(layer < num_layers for layer in named),
+                f"quantization names layers {sorted(set(named))}; the model has {num_layers}",
+            )
         pairs = self.merge.resolve(num_layers) if self.merge else ()
         by_first = {pair.first_layer: pair for pair in pairs}
         groups: list[LayerGroup] = []
@@ -247,6 +276,9 @@ def _policy_from_dict(data: dict[str, Any]) -> CompressionPolicy:
     if quantization is not None:
         quantization = dict(quantization)
         quantization["full_precision_layers"] = tuple(quantization.get("full_precision_layers", ()))
+        quantization["layer_bits"] = tuple(
+            LayerBits(**bits) for bits in quantization.get("layer_bits", ())
+        )
         quantization = Quantization(**quantization)
     return CompressionPolicy(
         name=data.get("name", "custom"),

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from minicache_client.policy import (
     PRESETS,
     CompressionPolicy,
+    LayerBits,
     MergePlan,
     PairMerge,
     Quantization,
@@ -37,6 +38,7 @@ CUSTOM = CompressionPolicy(
         window=8,
         sink_tokens=4,
         full_precision_layers=(0, 7),
+        layer_bits=(LayerBits(2, 4, None), LayerBits(5, 2, 3)),
     ),
     description="explicit pairs",
 )
@@ -57,6 +59,36 @@ def test_custom_policy_round_trips_through_json() -> None:
     assert restored == CUSTOM
     assert isinstance(restored.merge.pairs, tuple)
     assert isinstance(restored.quantization.full_precision_layers, tuple)
+    assert restored.quantization.layer_bits == (LayerBits(2, 4, None), LayerBits(5, 2, 3))
+
+
+def test_layer_bits_override_the_policy_wide_bits() -> None:
+    q = CUSTOM.quantization
+    assert [q.bits_for("keys", layer) for layer in (0, 1, 2, 5)] == [None, 3, 4, 2]
+    assert [q.bits_for("values", layer) for layer in (0, 1, 2, 5)] == [None, 2, None, 3]
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: LayerBits(1, 5, 2), "layer 1 key_bits must be one of"),
+        (lambda: LayerBits(-1, 2, 2), "layer must be >= 0"),
+        (
+            lambda: Quantization(layer_bits=(LayerBits(1, 2, 2), LayerBits(1, 4, 4))),
+            "names a layer twice",
+        ),
+    ],
+)
+def test_bad_layer_bits_are_refused(make, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_quantization_naming_missing_layers_is_refused() -> None:
+    policy = CompressionPolicy(quantization=Quantization(layer_bits=(LayerBits(30, 2, 2),)))
+    with pytest.raises(ValueError, match=r"names layers \[30\]; the model has 30"):
+        policy.resolve_layer_groups(30)
+    assert len(policy.resolve_layer_groups(31)) == 31
 
 
 def test_presets_hold_the_paper_defaults() -> None:

@@ -11,7 +11,7 @@ from kv_samples import as_float32, assert_bit_equal, random_kv
 
 from minicache_client.array_namespace import narrow_from_float32
 from minicache_client.entry import TokenStream
-from minicache_client.policy import LayerGroup, PairMerge, Quantization, Retention
+from minicache_client.policy import LayerBits, LayerGroup, PairMerge, Quantization, Retention
 from minicache_client.restore import dequantize_block, restore_layer
 from minicache_server.compression.layer_group_encoder import LayerGroupEncoder
 from minicache_server.compression.quantization import quantize_block
@@ -315,3 +315,13 @@ def test_constant_kv_is_exact_through_the_encoder(dtype: str) -> None:
     restored_keys, restored_values = restore_layer(encoder.entry, 0)
     assert_bit_equal(restored_keys, keys)  # keys per channel: constant along tokens
     assert_bit_equal(restored_values, values)
+
+
+def test_merged_pair_with_different_layer_bits_stores_the_wider_direction() -> None:
+    quantization = Quantization(
+        4, 2, key_group_size=4, value_group_size=8, layer_bits=(LayerBits(1, 2, 3),)
+    )
+    pair = LayerGroup((0, 1), PairMerge(0, retention=None))
+    encoder = LayerGroupEncoder(pair, quantization, dtype="float16", kv_heads=1, head_dim=16)
+    assert encoder.entry.keys.direction.bits == 4
+    assert encoder.entry.values.direction.bits == 3

@@ -110,10 +110,11 @@ class LayerGroupEncoder:
         )
 
     def _bits(self, kind: str) -> int | None:
+        """Bits of a merged pair's shared direction: the wider of its two layers'."""
         if self.quantization is None:
             return None
         bits = [self.quantization.bits_for(kind, layer) for layer in self.group.layers]
-        return None if None in bits else bits[0]
+        return None if None in bits else max(bits)
 
     def _new_side(self, kind: str) -> list[TokenStream] | MergedStream:
         merge = self._merged_kind(kind)
