@@ -15,10 +15,11 @@ costs one encode, one restore and one chunked forward per window.
 
 Search, greedy and measured at every step:
 1. every quantization candidate; keep those within the budget;
-2. on each of the best few, every single-pair merge (pair, K or V, t); rank them by
-   perplexity cost per stored byte saved;
-3. add merges in that order, re-measuring the combined policy each time, keeping a
-   merge only while the combined cost stays within the budget.
+2. on each of the best few, every single change: one merge (pair, K or V, t), or one
+   layer's keys or values one bit width lower; rank them by perplexity cost per
+   stored byte saved;
+3. apply changes in that order, re-measuring the combined policy each time, keeping a
+   change only while the combined cost stays within the budget.
 The policy with the highest measured ratio wins.
 """
 
@@ -35,7 +36,9 @@ from transformers import DynamicCache
 
 from minicache_client.policy import (
     PRESETS,
+    QUANT_BITS,
     CompressionPolicy,
+    LayerBits,
     MergePlan,
     PairMerge,
     Quantization,
@@ -90,6 +93,7 @@ class CalibrationSettings:
 
 @dataclass(frozen=True)
 class Measurement:
+    label: str
     policy: CompressionPolicy
     perplexity: float
     cost: float  # perplexity / baseline perplexity - 1
@@ -98,6 +102,7 @@ class Measurement:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "label": self.label,
             "policy": self.policy.to_dict(),
             "perplexity": self.perplexity,
             "cost": self.cost,
@@ -172,9 +177,10 @@ class CalibrationScorer:
             count += ids.numel() - 1
         return math.exp(nll / count), fp16 / stored, stored // len(self.windows)
 
-    def measure(self, policy: CompressionPolicy) -> Measurement:
+    def measure(self, policy: CompressionPolicy, label: str = "") -> Measurement:
         perplexity, ratio, stored = self._perplexity(policy)
-        return Measurement(policy, perplexity, perplexity / self.baseline - 1, ratio, stored)
+        cost = perplexity / self.baseline - 1
+        return Measurement(label or policy.name, policy, perplexity, cost, ratio, stored)
 
 
 def quantization_label(q: Quantization) -> str:
@@ -230,6 +236,59 @@ def _combine(existing: Sequence[PairMerge], candidate: PairMerge) -> list[PairMe
     return [*pairs, candidate]
 
 
+@dataclass(frozen=True)
+class PolicyChange:
+    """One step of the search: merge one side of a layer pair (`merge`), or store one
+    layer's keys or values (`kind`) at fewer `bits`."""
+
+    merge: PairMerge | None = None
+    layer: int = -1
+    kind: str = ""
+    bits: int = 0
+
+    @property
+    def label(self) -> str:
+        if self.merge is not None:
+            return merge_label(self.merge)
+        return f"layer {self.layer} {self.kind} at {self.bits} bits"
+
+    def apply(self, policy: CompressionPolicy) -> CompressionPolicy | None:
+        """`policy` with this change, or None where it conflicts with the policy."""
+        if self.merge is not None:
+            pairs = policy.merge.pairs if policy.merge else ()
+            combined = _combine(pairs, self.merge)
+            return None if combined is None else with_pairs(policy, combined)
+        q = policy.quantization
+        current = q.bits_for(self.kind, self.layer)
+        if current is None or current <= self.bits:
+            return None
+        bits = {"keys": q.bits_for("keys", self.layer), "values": q.bits_for("values", self.layer)}
+        bits[self.kind] = self.bits
+        others = [o for o in q.layer_bits if o.layer != self.layer]
+        overrides = sorted(
+            [*others, LayerBits(self.layer, bits["keys"], bits["values"])], key=lambda o: o.layer
+        )
+        return replace(policy, quantization=replace(q, layer_bits=tuple(overrides)))
+
+
+def policy_changes(
+    policy: CompressionPolicy, num_layers: int, settings: CalibrationSettings
+) -> list[PolicyChange]:
+    """Every merge candidate, and every layer side one bit width below its current one."""
+    changes = [
+        PolicyChange(merge=pair)
+        for pair in merge_candidates(num_layers, settings.t_values, settings.merge_first_layers)
+    ]
+    q = policy.quantization
+    for layer in range(num_layers if q is not None else 0):
+        for kind in ("keys", "values"):
+            current = q.bits_for(kind, layer)
+            lower = [bits for bits in QUANT_BITS if current is not None and bits < current]
+            if lower:
+                changes.append(PolicyChange(layer=layer, kind=kind, bits=max(lower)))
+    return changes
+
+
 @dataclass
 class CalibrationReport:
     model: str
@@ -237,7 +296,7 @@ class CalibrationReport:
     baseline_perplexity: float
     best: Measurement
     quantization: list[Measurement] = field(default_factory=list)
-    single_merges: list[Measurement] = field(default_factory=list)
+    single_changes: list[Measurement] = field(default_factory=list)
     steps: list[Measurement] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -248,7 +307,7 @@ class CalibrationReport:
             "baseline_perplexity": self.baseline_perplexity,
             "best": self.best.to_dict(),
             "quantization": [m.to_dict() for m in self.quantization],
-            "single_merges": [m.to_dict() for m in self.single_merges],
+            "single_changes": [m.to_dict() for m in self.single_changes],
             "steps": [m.to_dict() for m in self.steps],
             "seconds": self.seconds,
         }
@@ -265,7 +324,7 @@ def calibrate(
     progress(f"baseline perplexity {scorer.baseline:.3f} on {settings.windows} windows")
 
     def measured(policy: CompressionPolicy, label: str) -> Measurement:
-        result = scorer.measure(policy)
+        result = scorer.measure(policy, label)
         progress(f"{label}: cost {result.cost:+.2%}, ratio {result.compression_ratio:.2f}")
         return result
 
@@ -283,35 +342,36 @@ def calibrate(
         : settings.quantization_finalists
     ]
     best = finalists[0]
-    single_merges: list[Measurement] = []
+    single_changes: list[Measurement] = []
     steps: list[Measurement] = []
     for start in finalists:
+        changes = policy_changes(start.policy, lm.num_layers, settings)
         singles = [
-            measured(with_pairs(start.policy, [pair]), "  " + merge_label(pair))
-            for pair in merge_candidates(
-                lm.num_layers, settings.t_values, settings.merge_first_layers
-            )
+            (change, measured(change.apply(start.policy), "  " + change.label))
+            for change in changes
         ]
-        single_merges.extend(singles)
+        single_changes.extend(m for _, m in singles)
 
-        def cost_per_byte(m: Measurement, start: Measurement = start) -> float:
-            saved = start.stored_bytes - m.stored_bytes
-            return (m.cost - start.cost) / saved if saved > 0 else math.inf
+        def cost_per_byte(
+            single: tuple[PolicyChange, Measurement], start: Measurement = start
+        ) -> float:
+            saved = start.stored_bytes - single[1].stored_bytes
+            return (single[1].cost - start.cost) / saved if saved > 0 else math.inf
 
         current = start
-        pairs: list[PairMerge] = []
-        for single in sorted(singles, key=cost_per_byte):
-            if single.cost > settings.budget or cost_per_byte(single) == math.inf:
+        for change, single in sorted(singles, key=cost_per_byte):
+            room = settings.budget - current.cost
+            if single.cost - start.cost > room or cost_per_byte((change, single)) == math.inf:
                 continue
-            combined = _combine(pairs, single.policy.merge.pairs[0])
-            if combined is None:
+            policy = change.apply(current.policy)
+            if policy is None:
                 continue
-            trial = measured(with_pairs(start.policy, combined), f"  + {len(combined)} merges")
+            trial = measured(policy, f"  + {change.label}")
             if (
                 trial.cost <= settings.budget
                 and trial.compression_ratio > current.compression_ratio
             ):
-                pairs, current = combined, trial
+                current = trial
                 steps.append(trial)
         if current.compression_ratio > best.compression_ratio:
             best = current
@@ -321,7 +381,7 @@ def calibrate(
         baseline_perplexity=scorer.baseline,
         best=best,
         quantization=quantization,
-        single_merges=single_merges,
+        single_changes=single_changes,
         steps=steps,
         seconds=time.perf_counter() - started,
     )
@@ -337,14 +397,3 @@ def calibrated_policy(report: CalibrationReport, name: str = "calibrated") -> Co
             f"{report.budget:.2%}), ratio {best.compression_ratio:.2f} on calibration text"
         ),
     )
-
-
-__all__ = [
-    "CalibrationReport",
-    "CalibrationScorer",
-    "CalibrationSettings",
-    "Measurement",
-    "calibrate",
-    "calibrated_policy",
-    "merge_candidates",
-]

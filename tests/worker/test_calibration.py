@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import pytest
 
-from minicache_client.policy import CompressionPolicy, PairMerge, Quantization, load_policy
+from minicache_client.policy import (
+    CompressionPolicy,
+    LayerBits,
+    PairMerge,
+    Quantization,
+    load_policy,
+)
 from minicache_worker.calibration import (
     CalibrationScorer,
     CalibrationSettings,
+    PolicyChange,
     _combine,
     calibrate,
     calibrated_policy,
     merge_candidates,
+    policy_changes,
 )
 from minicache_worker.texts import split_text
 
@@ -33,6 +41,30 @@ def test_combine_joins_the_other_side_of_a_pair_and_refuses_overlaps() -> None:
     assert _combine([keys], PairMerge(11, retention=None)) is None  # layer 11 is taken
     assert _combine([keys], PairMerge(10, keys=False, t=0.3, retention=None)) is None
     assert _combine([keys], PairMerge(12, retention=None)) == [keys, PairMerge(12, retention=None)]
+
+
+def test_lowering_a_layers_bits_adds_an_override_once() -> None:
+    base = CompressionPolicy(quantization=Quantization(3, 2, sink_tokens=4))
+    lowered = PolicyChange(layer=7, kind="keys", bits=2).apply(base)
+    assert lowered.quantization.layer_bits == (LayerBits(7, 2, 2),)
+    assert lowered.quantization.bits_for("keys", 6) == 3
+    # Already at two bits: the same change again, or values below two, cannot apply.
+    assert PolicyChange(layer=7, kind="keys", bits=2).apply(lowered) is None
+    both = PolicyChange(layer=3, kind="keys", bits=2).apply(lowered)
+    assert [o.layer for o in both.quantization.layer_bits] == [3, 7]
+
+
+def test_policy_changes_list_merges_and_one_step_lower_bits() -> None:
+    settings = CalibrationSettings(merge_first_layers=(0,))
+    base = CompressionPolicy(quantization=Quantization(4, 2))
+    changes = policy_changes(base, 3, settings)
+    merges = [c for c in changes if c.merge is not None]
+    lowerings = {(c.layer, c.kind, c.bits) for c in changes if c.merge is None}
+    assert len(merges) == 2  # pair (0, 1): keys, values
+    assert lowerings == {(0, "keys", 3), (1, "keys", 3), (2, "keys", 3)}  # values at 2 already
+    merged = merges[0].apply(base)
+    assert merged.merge.pairs == (merges[0].merge,)
+    assert merges[0].apply(merged) is None
 
 
 @pytest.mark.parametrize(
@@ -74,7 +106,8 @@ def test_small_calibration_returns_the_best_policy_within_budget(lm, tmp_path) -
     assert best.cost <= SMALL.budget
     within = [m for m in report.quantization if m.cost <= SMALL.budget]
     assert best.compression_ratio >= max(m.compression_ratio for m in within)
-    assert len(report.single_merges) == 2 * 2  # two pairs, keys or values
+    # Two pairs (keys or values) and every layer's keys and values one step lower.
+    assert len(report.single_changes) == 2 * 2 + 2 * lm.num_layers
     for step in report.steps:
         assert step.cost <= SMALL.budget
     policy = calibrated_policy(report, "mine")

@@ -32,7 +32,8 @@ def test_transformers_cache_contract_we_rely_on() -> None:
     assert issubclass(CompressedLayer, DynamicLayer)
 
 
-def _ids(lm) -> torch.Tensor:
+@pytest.fixture(scope="module")
+def ids(lm) -> torch.Tensor:
     text = split_text("evaluation")[:4000]
     return lm.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
 
@@ -47,10 +48,14 @@ def _logits(lm, cache, ids: torch.Tensor) -> list[torch.Tensor]:
     return [torch.log_softmax(logits, -1) for logits in out]
 
 
+@pytest.fixture(scope="module")
+def native(lm, ids: torch.Tensor) -> list[torch.Tensor]:
+    """What the model's own cache gives for the same tokens."""
+    return _logits(lm, DynamicCache(), ids)
+
+
 @pytest.mark.model
-def test_uncompressed_policy_matches_the_models_own_cache(lm) -> None:
-    ids = _ids(lm)
-    native = _logits(lm, DynamicCache(), ids)
+def test_uncompressed_policy_matches_the_models_own_cache(lm, ids, native) -> None:
     run = SequenceRun(lm, PRESETS["none"])
     ours = _logits(lm, run.cache, ids)
     for step, (a, b) in enumerate(zip(native, ours, strict=True)):
@@ -63,8 +68,7 @@ def test_uncompressed_policy_matches_the_models_own_cache(lm) -> None:
 
 @pytest.mark.model
 @pytest.mark.parametrize("preset", ["kivi4", "paper"])
-def test_model_attends_to_exactly_what_the_store_restores(lm, preset: str) -> None:
-    ids = _ids(lm)
+def test_model_attends_to_exactly_what_the_store_restores(lm, ids, preset: str) -> None:
     run = SequenceRun(lm, PRESETS[preset])
     _logits(lm, run.cache, ids)
     # One more step: every layer refreshes its history from the store first.
@@ -82,9 +86,7 @@ def test_model_attends_to_exactly_what_the_store_restores(lm, preset: str) -> No
 
 
 @pytest.mark.model
-def test_compression_changes_the_output_and_shrinks_the_store(lm) -> None:
-    ids = _ids(lm)
-    native = _logits(lm, DynamicCache(), ids)
+def test_compression_changes_the_output_and_shrinks_the_store(lm, ids, native) -> None:
     run = SequenceRun(lm, PRESETS["kivi2"])
     ours = _logits(lm, run.cache, ids)
     assert max(float((a - b).abs().max()) for a, b in zip(native, ours, strict=True)) > 0.05
