@@ -9,7 +9,7 @@ import pytest
 
 from minicache_client.policy import PRESETS
 from minicache_worker import cli
-from minicache_worker.evaluation import EvalSettings, Evaluator
+from minicache_worker.evaluation import EvalSettings, Evaluator, first_number
 
 SMALL = EvalSettings(
     context_tokens=128,
@@ -118,3 +118,16 @@ def test_policy_all_expands_to_every_preset() -> None:
     assert [p.name for p in cli._policies(["all"])] == list(PRESETS)
     rest = [name for name in PRESETS if name != "kivi4"]
     assert [p.name for p in cli._policies(["kivi4", "all"])] == ["kivi4", *rest]
+
+
+@pytest.mark.parametrize(
+    ("answer", "number"),
+    [
+        ("The passkey is 48213.", "48213"),
+        ("48213", "48213"),
+        ("It is 4821 or 48213", "4821"),  # the first number counts: no partial credit
+        ("I don't know.", None),
+    ],
+)
+def test_needle_answer_is_matched_on_its_first_number(answer: str, number) -> None:
+    assert first_number(answer) == number
