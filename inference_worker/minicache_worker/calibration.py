@@ -297,7 +297,8 @@ class CalibrationReport:
     best: Measurement
     quantization: list[Measurement] = field(default_factory=list)
     single_changes: list[Measurement] = field(default_factory=list)
-    steps: list[Measurement] = field(default_factory=list)
+    # The winning search: its quantization start, then every change it kept.
+    path: list[Measurement] = field(default_factory=list)
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -308,7 +309,7 @@ class CalibrationReport:
             "best": self.best.to_dict(),
             "quantization": [m.to_dict() for m in self.quantization],
             "single_changes": [m.to_dict() for m in self.single_changes],
-            "steps": [m.to_dict() for m in self.steps],
+            "path": [m.to_dict() for m in self.path],
             "seconds": self.seconds,
         }
 
@@ -341,9 +342,8 @@ def calibrate(
     finalists = sorted(within, key=lambda m: -m.compression_ratio)[
         : settings.quantization_finalists
     ]
-    best = finalists[0]
+    best_path = [finalists[0]]
     single_changes: list[Measurement] = []
-    steps: list[Measurement] = []
     for start in finalists:
         changes = policy_changes(start.policy, lm.num_layers, settings)
         singles = [
@@ -358,8 +358,9 @@ def calibrate(
             saved = start.stored_bytes - single[1].stored_bytes
             return (single[1].cost - start.cost) / saved if saved > 0 else math.inf
 
-        current = start
+        path = [start]
         for change, single in sorted(singles, key=cost_per_byte):
+            current = path[-1]
             room = settings.budget - current.cost
             if single.cost - start.cost > room or cost_per_byte((change, single)) == math.inf:
                 continue
@@ -371,18 +372,17 @@ def calibrate(
                 trial.cost <= settings.budget
                 and trial.compression_ratio > current.compression_ratio
             ):
-                current = trial
-                steps.append(trial)
-        if current.compression_ratio > best.compression_ratio:
-            best = current
+                path.append(trial)
+        if path[-1].compression_ratio > best_path[-1].compression_ratio:
+            best_path = path
     return CalibrationReport(
         model=lm.name,
         budget=settings.budget,
         baseline_perplexity=scorer.baseline,
-        best=best,
+        best=best_path[-1],
         quantization=quantization,
         single_changes=single_changes,
-        steps=steps,
+        path=best_path,
         seconds=time.perf_counter() - started,
     )
 

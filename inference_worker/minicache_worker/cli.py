@@ -51,8 +51,14 @@ def format_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
-def write_plot(results: list[dict[str, Any]], path: Path) -> None:
-    """Compression ratio against perplexity increase, one labelled point per policy."""
+def write_plot(
+    points: list[tuple[str, float, float]],
+    path: Path,
+    title: str,
+    curve: list[tuple[float, float]] = (),
+) -> None:
+    """Compression ratio against perplexity increase: labelled (label, ratio, increase)
+    points, and optionally a curve of (ratio, increase) drawn through its points."""
     try:
         import matplotlib
 
@@ -61,16 +67,26 @@ def write_plot(results: list[dict[str, Any]], path: Path) -> None:
     except ImportError as exc:
         raise ValueError("--plot needs matplotlib: pip install 'minicache-worker[plot]'") from exc
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    for r in results:
-        x, y = r["compression_ratio"], 100 * r["perplexity_increase"]
-        axes.scatter([x], [y], s=30)
-        axes.annotate(r["policy"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    for label, ratio, increase in points:
+        axes.scatter([ratio], [100 * increase], s=30)
+        axes.annotate(
+            label, (ratio, 100 * increase), textcoords="offset points", xytext=(5, 4), fontsize=7
+        )
+    if curve:
+        axes.plot(
+            [ratio for ratio, _ in curve],
+            [100 * increase for _, increase in curve],
+            marker=".",
+            color="black",
+            linewidth=1,
+            label="calibration: greedy steps",
+        )
+        axes.legend(fontsize=8)
     axes.set_yscale("symlog", linthresh=2.0)
     axes.axhline(2.0, color="grey", linestyle=":", linewidth=1)
     axes.set_xlabel("compression ratio (fp16 bytes / stored bytes)")
     axes.set_ylabel("perplexity increase vs full cache (%)")
-    model = results[0]["model"] if results else ""
-    axes.set_title(f"MiniCache policies on {model}: {results[0]['context_tokens']}-token prefix")
+    axes.set_title(title, fontsize=10)
     axes.grid(True, linewidth=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -99,7 +115,12 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.json:
         _write_json(args.json, results[0] if len(results) == 1 else results)
     if args.plot:
-        write_plot(results, args.plot)
+        first = results[0]
+        write_plot(
+            [(r["policy"], r["compression_ratio"], r["perplexity_increase"]) for r in results],
+            args.plot,
+            f"{first['model']}: {first['context_tokens']}-token prefix, held-out essays",
+        )
     return 0
 
 
@@ -114,6 +135,13 @@ def run_calibrate(args: argparse.Namespace) -> int:
     _write_json(args.out, policy.to_dict())
     if args.report:
         _write_json(args.report, report.to_dict())
+    if args.plot:
+        write_plot(
+            [(m.label, m.compression_ratio, m.cost) for m in report.quantization],
+            args.plot,
+            f"calibration on {report.model}: quantization candidates and greedy steps",
+            [(m.compression_ratio, m.cost) for m in report.path],
+        )
     print(
         f"{args.out}: cost {report.best.cost:+.2%} (budget {settings.budget:.2%}), "
         f"compression ratio {report.best.compression_ratio:.2f} on calibration text, "
@@ -162,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--out", type=Path, required=True, help="where to write the policy JSON")
     cal.add_argument("--report", type=Path, help="write every measurement here")
     cal.add_argument("--name", default="calibrated", help="name of the written policy")
+    cal.add_argument("--plot", type=Path, help="write a PNG of the candidates and the search")
     _add_settings(cal, CalibrationSettings, CALIBRATION_FLAGS)
     cal.set_defaults(handler=run_calibrate)
     return parser

@@ -255,3 +255,12 @@ def test_layer_groups_cover_every_layer_once_in_order(sample: tuple[MergePlan | 
     if plan is not None and plan.start_layer is not None:
         firsts = [g.layers[0] for g in groups if g.merge is not None]
         assert firsts == list(range(plan.start_layer, num_layers - 1, 2))
+
+
+def test_default_preset_is_shipped_and_named_default() -> None:
+    """The calibrated policy file is part of the SDK; `default` is always a preset."""
+    assert "default" in PRESETS
+    default = PRESETS["default"]
+    assert default.name == "default"
+    assert default.quantization is not None or default.merge is not None
+    assert default.resolve_layer_groups(30)  # valid for the bundled model's 30 layers

@@ -108,8 +108,11 @@ def test_small_calibration_returns_the_best_policy_within_budget(lm, tmp_path) -
     assert best.compression_ratio >= max(m.compression_ratio for m in within)
     # Two pairs (keys or values) and every layer's keys and values one step lower.
     assert len(report.single_changes) == 2 * 2 + 2 * lm.num_layers
-    for step in report.steps:
-        assert step.cost <= SMALL.budget
+    assert report.path[0] in report.quantization
+    assert report.path[-1] == best
+    for before, after in zip(report.path, report.path[1:], strict=False):
+        assert after.cost <= SMALL.budget
+        assert after.compression_ratio > before.compression_ratio
     policy = calibrated_policy(report, "mine")
     path = tmp_path / "mine.json"
     path.write_text(policy.to_json())
