@@ -320,10 +320,10 @@ PRESETS: dict[str, CompressionPolicy] = {
         description="KIVI-style 2-bit keys and values, groups of 32",
     ),
 }
-if _DEFAULT_POLICY_FILE.exists():
-    PRESETS["default"] = replace(
-        CompressionPolicy.from_json(_DEFAULT_POLICY_FILE.read_text()), name="default"
-    )
+# Written by `minicache-worker calibrate` on the bundled model (see docs/results.md).
+PRESETS["default"] = replace(
+    CompressionPolicy.from_json(_DEFAULT_POLICY_FILE.read_text()), name="default"
+)
 
 
 def load_policy(name_or_path: str) -> CompressionPolicy:

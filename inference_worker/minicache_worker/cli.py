@@ -82,7 +82,16 @@ def write_plot(
             label="calibration: greedy steps",
         )
         axes.legend(fontsize=8)
-    axes.set_yscale("symlog", linthresh=2.0)
+    # Linear within ±2 %, logarithmic beyond: small and large damage on one axis.
+    axes.set_yscale("symlog", linthresh=2.0, linscale=2.0)
+    shown = [100 * increase for _, _, increase in points] + [100 * i for _, i in curve]
+    low, high = min([0.0, *shown]), max([2.0, *shown])
+    ticks = [
+        t
+        for t in (-5, -2, -1, 0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+        if low - 1 <= t <= 2 * high
+    ]
+    axes.set_yticks(ticks, [f"{tick:g}" for tick in ticks])
     axes.axhline(2.0, color="grey", linestyle=":", linewidth=1)
     axes.set_xlabel("compression ratio (fp16 bytes / stored bytes)")
     axes.set_ylabel("perplexity increase vs full cache (%)")
