@@ -206,6 +206,17 @@ class CompressionPolicy:
     quantization: Quantization | None = None
     description: str = ""
 
+    @property
+    def min_num_layers(self) -> int:
+        """The fewest layers a model needs for every layer this policy names to exist."""
+        named = [0]
+        if self.merge is not None and self.merge.pairs:
+            named += [pair.first_layer + 1 for pair in self.merge.pairs]
+        if self.quantization is not None:
+            named += [o.layer for o in self.quantization.layer_bits]
+            named += list(self.quantization.full_precision_layers)
+        return max(named) + 1
+
     def resolve_layer_groups(self, num_layers: int) -> tuple[LayerGroup, ...]:
         """Every layer of the model exactly once, in layer order."""
         _require(num_layers >= 1, f"num_layers must be >= 1, got {num_layers}")

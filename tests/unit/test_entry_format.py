@@ -43,9 +43,9 @@ POLICIES = {
 def encoded_sequence(
     policy_name: str, dtype: str = "float16", tokens: int = 29, num_layers: int = 2
 ):
-    encoder = SequenceEncoder(
-        POLICIES[policy_name], num_layers=num_layers, kv_heads=2, head_dim=16, dtype=dtype
-    )
+    policy = POLICIES[policy_name]
+    num_layers = max(num_layers, policy.min_num_layers)
+    encoder = SequenceEncoder(policy, num_layers=num_layers, kv_heads=2, head_dim=16, dtype=dtype)
     rng = np.random.default_rng(0)
     for layer in range(num_layers):
         encoder.put_layer(

@@ -263,4 +263,13 @@ def test_default_preset_is_shipped_and_named_default() -> None:
     default = PRESETS["default"]
     assert default.name == "default"
     assert default.quantization is not None or default.merge is not None
-    assert default.resolve_layer_groups(30)  # valid for the bundled model's 30 layers
+    assert default.min_num_layers <= 30  # calibrated for the bundled model's 30 layers
+    assert len(default.resolve_layer_groups(30)) < 30  # it merges some pairs
+
+
+def test_min_num_layers_counts_every_named_layer() -> None:
+    assert PRESETS["paper"].min_num_layers == 1  # the paper's rule fits any depth
+    assert CUSTOM.min_num_layers == 8  # full_precision_layers names layer 7
+    with pytest.raises(ValueError):
+        CUSTOM.resolve_layer_groups(CUSTOM.min_num_layers - 1)
+    assert CUSTOM.resolve_layer_groups(CUSTOM.min_num_layers)

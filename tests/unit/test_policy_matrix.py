@@ -70,16 +70,18 @@ def layer_bound(policy: CompressionPolicy, kind: str, layer: int, merged: bool) 
 @pytest.mark.parametrize("name", sorted(POLICIES))
 def test_policy_end_to_end(name: str, dtype: str) -> None:
     policy = POLICIES[name]
+    # Calibrated presets name layers of their model: give them enough.
+    num_layers = max(NUM_LAYERS, policy.min_num_layers)
     rng = np.random.default_rng(sum(map(ord, name)))
     layers = [
         (
             random_kv(rng, (HEADS, TOKENS, DIM), dtype),
             random_kv(rng, (HEADS, TOKENS, DIM), dtype, 0.3),
         )
-        for _ in range(NUM_LAYERS)
+        for _ in range(num_layers)
     ]
     encoder = SequenceEncoder(
-        policy, num_layers=NUM_LAYERS, kv_heads=HEADS, head_dim=DIM, dtype=dtype
+        policy, num_layers=num_layers, kv_heads=HEADS, head_dim=DIM, dtype=dtype
     )
     prefill = 50
     for layer, (keys, values) in enumerate(layers):
@@ -89,13 +91,15 @@ def test_policy_end_to_end(name: str, dtype: str) -> None:
         for layer, (keys, values) in enumerate(layers):
             encoder.put_layer(layer, keys[:, token : token + 1], values[:, token : token + 1])
 
-    assert encoder.fp16_bytes() == NUM_LAYERS * 2 * HEADS * TOKENS * DIM * 2
+    assert encoder.fp16_bytes() == num_layers * 2 * HEADS * TOKENS * DIM * 2
     ratio = encoder.compression_ratio()
     assert ratio >= 0.9
     if name == "none":
         assert ratio < 1.0
     elif policy.quantization is not None and policy.quantization.key_bits is not None:
-        assert ratio > 1.3
+        # Sink tokens stay 16-bit: with 32 of these 70 tokens (default) less is saved.
+        mostly_quantized = policy.quantization.sink_tokens * 4 < TOKENS
+        assert ratio > (1.3 if mostly_quantized else 1.2)
 
     decoded = {id(entry): decode_entry(encode_entry(entry)) for entry in encoder.entries}
     for layer, originals in enumerate(layers):
