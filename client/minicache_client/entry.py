@@ -7,10 +7,11 @@ single layer, or a pair of adjacent layers merged for keys and/or values. Inside
   (16-bit), quantized blocks of tokens, and a 16-bit tail of recent tokens. Without
   quantization everything sits in the tail, in the input dtype (bit-exact).
 - `MergedStream`: one side (keys or values) of a merged pair: the shared direction
-  as a `TokenStream`, both layers' magnitudes `[2, kv_heads, tokens]`, and the
-  retained (unmerged) tokens of both layers with their (head, token) positions.
+  as a `TokenStream`, both layers' magnitudes `[2, kv_heads, tokens]`, the retained
+  (unmerged) tokens of both layers with their (head, token) positions, and the most
+  recent tokens not merged yet (`recent`, both layers, in the entry's dtype).
 
-Binary format (version 1): `b"MCKV"`, one version byte, the CRC-32 of the body
+Binary format (version 2): `b"MCKV"`, one version byte, the CRC-32 of the body
 (uint32, little-endian), then the body: msgpack of the entry with arrays as raw
 buffers. `decode_entry` verifies all of it; a mismatch raises `CorruptEntryError`
 and no data is returned. `stored_bytes` is the length of that encoding: everything
@@ -31,7 +32,7 @@ import numpy as np
 from minicache_client.array_namespace import KV_DTYPES, to_numpy
 
 FORMAT_MAGIC = b"MCKV"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _HEADER = struct.Struct("<4sBI")
 
 STREAM_MODES = ("per_channel", "per_token")
@@ -117,13 +118,27 @@ class MergedStream:
     retained_heads: Any = None
     retained_tokens: Any = None
     retained: Any = None
+    # The last tokens, unmerged: `[2, kv_heads, n, head_dim]`, n <= window. They
+    # follow the `direction.tokens` merged ones and are merged once they fall out of
+    # the window.
+    window: int = 0
+    recent: Any = None
 
     @property
-    def tokens(self) -> int:
+    def merged_tokens(self) -> int:
         return self.direction.tokens
 
     @property
+    def recent_tokens(self) -> int:
+        return 0 if self.recent is None else int(self.recent.shape[2])
+
+    @property
+    def tokens(self) -> int:
+        return self.merged_tokens + self.recent_tokens
+
+    @property
     def frozen_tokens(self) -> int:
+        # Recent tokens change when they are merged.
         return self.direction.frozen_tokens
 
     @property
@@ -269,21 +284,30 @@ def validate_entry(entry: LayerGroupEntry) -> None:
         if isinstance(side, MergedStream):
             _check(len(entry.layers) == 2, "merged stream in a single-layer entry")
             _validate_stream(side.direction, entry.kv_heads, entry.head_dim)
-            count = side.tokens
+            merged = side.merged_tokens
             if side.magnitudes is not None:
                 _check(
-                    side.magnitudes.shape == (2, entry.kv_heads, count),
+                    side.magnitudes.shape == (2, entry.kv_heads, merged),
                     "magnitudes disagree with the direction",
                 )
+            if side.recent is not None:
+                _check(
+                    side.recent.ndim == 4
+                    and side.recent.shape[:2] == (2, entry.kv_heads)
+                    and side.recent.shape[3] == entry.head_dim,
+                    "recent tokens have the wrong shape",
+                )
+                _check(side.recent_tokens <= side.window, "more recent tokens than the window")
             if side.retained_count:
                 _check(
                     side.retained.shape == (2, side.retained_count, entry.head_dim),
                     "retained tokens disagree with their positions",
                 )
-                _check(int(side.retained_tokens.max()) < count, "retained token out of range")
+                _check(int(side.retained_tokens.max()) < merged, "retained token out of range")
                 _check(
                     int(side.retained_heads.max()) < entry.kv_heads, "retained head out of range"
                 )
+            count = side.tokens
         else:
             _check(
                 isinstance(side, list) and len(side) == len(entry.layers),

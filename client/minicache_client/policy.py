@@ -66,6 +66,11 @@ class PairMerge:
     `method="slerp"`: SLERP of directions with interpolation `t`, both layers'
     magnitudes kept per token. `method="average"`: both layers restored as their
     plain mean (the paper's baseline; `t` and retention unused).
+
+    `window`: the most recent `window` tokens stay unmerged (both layers, 16-bit) and
+    are merged once that many newer tokens follow them. Most attention goes to recent
+    tokens, so merging them is what costs at decode time; 0 (the paper) merges every
+    token as it arrives.
     """
 
     first_layer: int
@@ -74,11 +79,13 @@ class PairMerge:
     t: float = 0.6
     method: str = "slerp"
     retention: Retention | None = field(default_factory=Retention)
+    window: int = 0
 
     def __post_init__(self) -> None:
         _require(self.first_layer >= 0, f"first_layer must be >= 0, got {self.first_layer}")
         _require(self.keys or self.values, "a pair must merge keys, values or both")
         _require(0.0 <= self.t <= 1.0, f"t must be in [0, 1], got {self.t}")
+        _require(self.window >= 0, f"merge window must be >= 0, got {self.window}")
         _require(
             self.method in MERGE_METHODS,
             f"merge method must be one of {MERGE_METHODS}, got {self.method!r}",
@@ -101,6 +108,7 @@ class MergePlan:
     t: float = 0.6
     method: str = "slerp"
     retention: Retention | None = field(default_factory=Retention)
+    window: int = 0
 
     def __post_init__(self) -> None:
         if self.pairs is not None:
@@ -112,7 +120,12 @@ class MergePlan:
             )
         else:
             # Validates the shared settings once.
-            PairMerge(0, self.keys, self.values, self.t, self.method, self.retention)
+            self._pair(0)
+
+    def _pair(self, first_layer: int) -> PairMerge:
+        return PairMerge(
+            first_layer, self.keys, self.values, self.t, self.method, self.retention, self.window
+        )
 
     def resolve(self, num_layers: int) -> tuple[PairMerge, ...]:
         """The concrete pairs for a model with `num_layers` layers."""
@@ -128,10 +141,7 @@ class MergePlan:
             0 <= start < num_layers,
             f"start_layer {start} is out of range for {num_layers} layers",
         )
-        return tuple(
-            PairMerge(first, self.keys, self.values, self.t, self.method, self.retention)
-            for first in range(start, num_layers - 1, 2)
-        )
+        return tuple(self._pair(first) for first in range(start, num_layers - 1, 2))
 
 
 @dataclass(frozen=True)

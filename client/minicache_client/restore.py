@@ -1,7 +1,8 @@
 """Decoder: restored KV from a stored `LayerGroupEntry`.
 
 Restore of a merged pair (design.md section 3): x̂ = |x|·e/|e|, ŷ = |y|·e/|e|, then the
-retained tokens' original vectors are scattered back at their (head, token) positions.
+retained tokens' original vectors are scattered back at their (head, token) positions;
+the recent tokens not merged yet follow as stored.
 All math in float32; the result is narrowed to the requested dtype at the end.
 Shapes: every restored tensor is `[kv_heads, end - start, head_dim]`.
 """
@@ -68,8 +69,17 @@ def restore_merged(
 ) -> Any:
     """float32 tokens [start, end) of layer `which` (0 or 1) of a merged pair.
 
-    `dtype` is the entry's dtype, in which retained tokens are stored."""
+    `dtype` is the entry's dtype, in which retained and recent tokens are stored."""
     end = merged.tokens if end is None else end
+    boundary = merged.merged_tokens
+    if end > boundary:
+        recent = widen_to_float32(
+            merged.recent[which, :, max(start, boundary) - boundary : end - boundary], dtype
+        )
+        if start >= boundary:
+            return recent
+        older = restore_merged(merged, which, dtype, start, boundary)
+        return array_namespace(older).concatenate([older, recent], axis=1)
     direction = restore_stream(merged.direction, start, end)
     xp = array_namespace(direction)
     if merged.method == "average" or merged.magnitudes is None:

@@ -20,7 +20,14 @@ from typing import Any
 
 from minicache_client.policy import PRESETS, CompressionPolicy, load_policy
 
-CALIBRATION_FLAGS = ("budget", "context_tokens", "scored_tokens", "windows")
+CALIBRATION_FLAGS = (
+    "budget",
+    "context_tokens",
+    "scored_tokens",
+    "decode_chunk_tokens",
+    "windows",
+    "merge_window",
+)
 
 
 def _progress(message: str) -> None:
@@ -137,7 +144,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from minicache_worker.calibration import CalibrationSettings, calibrate, calibrated_policy
     from minicache_worker.models import load_model
 
-    settings = CalibrationSettings(**{name: getattr(args, name) for name in CALIBRATION_FLAGS})
+    settings = CalibrationSettings(
+        **{name: getattr(args, name) for name in CALIBRATION_FLAGS},
+        merge_kinds=tuple(kind.strip() for kind in args.merge_kinds.split(",")),
+    )
     _progress(f"loading {args.model}")
     report = calibrate(load_model(args.model), settings, _progress)
     policy = calibrated_policy(report, args.name)
@@ -174,7 +184,7 @@ def _add_settings(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from minicache_worker.calibration import CalibrationSettings
+    from minicache_worker.calibration import MERGE_KINDS, CalibrationSettings
     from minicache_worker.evaluation import EvalSettings
 
     parser = argparse.ArgumentParser(prog="minicache-worker", description=__doc__.split("\n")[0])
@@ -200,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--report", type=Path, help="write every measurement here")
     cal.add_argument("--name", default="calibrated", help="name of the written policy")
     cal.add_argument("--plot", type=Path, help="write a PNG of the candidates and the search")
+    cal.add_argument(
+        "--merge-kinds",
+        default=",".join(MERGE_KINDS),
+        help="which sides candidate merges merge: keys, values or keys,values",
+    )
     _add_settings(cal, CalibrationSettings, CALIBRATION_FLAGS)
     cal.set_defaults(handler=run_calibrate)
     return parser

@@ -37,12 +37,17 @@ class CompressedLayer(DynamicLayer):
 
     `keys`/`values` are views of buffers that grow by doubling: a decode step writes
     its few tokens in place instead of copying the whole history.
+
+    `seal_chunks`: a chunk of several tokens is a prefill and is sealed (its last,
+    partial quantization block quantized at once). Without it, every chunk is stored
+    as decode steps are: a chunk of a few tokens then stands for that many decode steps.
     """
 
-    def __init__(self, store: KVStore, layer_idx: int) -> None:
+    def __init__(self, store: KVStore, layer_idx: int, seal_chunks: bool = True) -> None:
         super().__init__()
         self.store = store
         self.layer_idx = layer_idx
+        self.seal_chunks = seal_chunks
         self.restored_tokens = 0
         self.frozen_tokens = 0  # leading restored tokens that can no longer change
         self._key_buffer: torch.Tensor | None = None
@@ -94,7 +99,7 @@ class CompressedLayer(DynamicLayer):
             self.layer_idx,
             key_states[0].detach().to(torch.float16).numpy(),
             value_states[0].detach().to(torch.float16).numpy(),
-            seal=new_tokens > 1,
+            seal=self.seal_chunks and new_tokens > 1,
         )
         # The new tokens attend as computed; the next refresh overwrites them with
         # what the store gives back.
@@ -118,6 +123,8 @@ class CompressedLayer(DynamicLayer):
 class CompressedCache(Cache):
     """Pass as `past_key_values`; one instance per sequence."""
 
-    def __init__(self, store: KVStore, num_layers: int) -> None:
-        super().__init__(layers=[CompressedLayer(store, layer) for layer in range(num_layers)])
+    def __init__(self, store: KVStore, num_layers: int, seal_chunks: bool = True) -> None:
+        super().__init__(
+            layers=[CompressedLayer(store, layer, seal_chunks) for layer in range(num_layers)]
+        )
         self.store = store

@@ -44,6 +44,15 @@ DECODE_POLICIES = {
             3, 2, key_group_size=8, value_group_size=8, window=2, sink_tokens=4
         ),
     ),
+    "slerp_window_quant": CompressionPolicy(
+        "slerp_window_quant",
+        merge=MergePlan(start_layer=0, retention=None, window=3),
+        quantization=Quantization(3, 2, key_group_size=8, value_group_size=8, sink_tokens=2),
+    ),
+    "average_values_window": CompressionPolicy(
+        "average_values_window",
+        merge=MergePlan(start_layer=2, keys=False, method="average", retention=None, window=5),
+    ),
     "fraction_least": CompressionPolicy(
         "fraction_least",
         merge=MergePlan(

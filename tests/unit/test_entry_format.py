@@ -37,6 +37,11 @@ POLICIES = {
             3, 2, key_group_size=8, value_group_size=8, window=3, sink_tokens=2
         ),
     ),
+    "merge_window_quant": CompressionPolicy(
+        "merge_window_quant",
+        merge=MergePlan(start_layer=0, retention=Retention(gamma=0.2), window=5),
+        quantization=Quantization(3, 2, key_group_size=8, value_group_size=8),
+    ),
 }
 
 
@@ -145,6 +150,20 @@ def test_structurally_inconsistent_entry_is_rejected() -> None:
     entry = merged_entry()
     entry.keys.magnitudes = entry.keys.magnitudes[:, :, :-1]  # one token short
     with pytest.raises(CorruptEntryError, match="magnitudes"):
+        decode_entry(encode_entry(entry))
+
+
+def test_recent_tokens_beyond_the_merge_window_are_rejected() -> None:
+    entry = encoded_sequence("merge_window_quant").entries[0]
+    assert entry.keys.recent_tokens == entry.keys.window == 5
+    assert entry.tokens == 29
+    decode_entry(encode_entry(entry))
+    entry.keys.window = 4
+    with pytest.raises(CorruptEntryError, match="more recent tokens than the window"):
+        decode_entry(encode_entry(entry))
+    entry.keys.window = 5
+    entry.keys.recent = entry.keys.recent[:, :, :, :-1]  # a channel short
+    with pytest.raises(CorruptEntryError, match="recent tokens have the wrong shape"):
         decode_entry(encode_entry(entry))
 
 

@@ -27,7 +27,7 @@ CUSTOM = CompressionPolicy(
             PairMerge(
                 4, values=False, t=0.3, retention=Retention(fraction=0.25, side="least_distinct")
             ),
-            PairMerge(1, method="average", retention=None),
+            PairMerge(1, method="average", retention=None, window=16),
         )
     ),
     quantization=Quantization(
@@ -124,6 +124,8 @@ def test_presets_hold_the_paper_defaults() -> None:
         (lambda: PairMerge(0, keys=False, values=False), "keys, values or both"),
         (lambda: PairMerge(0, t=1.1), r"t must be in \[0, 1\]"),
         (lambda: PairMerge(0, method="max"), "merge method must be one of"),
+        (lambda: PairMerge(0, window=-1), "merge window must be >= 0, got -1"),
+        (lambda: MergePlan(window=-3), "merge window must be >= 0"),
         (lambda: MergePlan(t=-0.5), r"t must be in \[0, 1\]"),
         (lambda: MergePlan(method="mean"), "merge method must be one of"),
         (

@@ -217,6 +217,49 @@ def test_merging_only_keys_keeps_values_exact() -> None:
         assert np.abs(restored_keys.astype(np.float32) - keys[which]).max() > 0.1
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("method", ["slerp", "average"])
+def test_merge_window_keeps_the_recent_tokens_exact_and_merges_older_ones_alike(
+    dtype: str, method: str
+) -> None:
+    rng = np.random.default_rng(8)
+    keys = [random_kv(rng, (2, 30, 16), dtype) for _ in range(2)]
+    values = [random_kv(rng, (2, 30, 16), dtype) for _ in range(2)]
+
+    def encoded(window: int) -> SequenceEncoder:
+        policy = CompressionPolicy(
+            "window",
+            merge=MergePlan(pairs=(PairMerge(0, method=method, retention=None, window=window),)),
+        )
+        encoder = SequenceEncoder(policy, num_layers=2, kv_heads=2, head_dim=16, dtype=dtype)
+        for start, end in ((0, 20), *((t, t + 1) for t in range(20, 30))):
+            for layer in (0, 1):
+                encoder.put_layer(layer, keys[layer][:, start:end], values[layer][:, start:end])
+        return encoder
+
+    windowed, unwindowed = encoded(6), encoded(0)
+    entry = windowed.entry_for(0)
+    assert entry.tokens == 30 and entry.keys.recent_tokens == 6 and entry.keys.merged_tokens == 24
+    assert entry.frozen_tokens <= 24
+    for layer in (0, 1):
+        restored = windowed.restore_layer(layer)
+        merged = unwindowed.restore_layer(layer)
+        for got, alike, original in zip(
+            restored, merged, (keys[layer], values[layer]), strict=True
+        ):
+            assert got.shape == (2, 30, 16)
+            assert_bit_equal(got[:, 24:], original[:, 24:])
+            assert_bit_equal(got[:, :24], alike[:, :24])
+            assert (
+                np.abs(as_float32(got[:, :24], dtype) - as_float32(original[:, :24], dtype)).max()
+                > 0.1
+            )
+        for start, end in ((0, 24), (20, 27), (24, 30), (26, 29), (30, 30)):
+            part = windowed.restore_layer(layer, start, end)
+            assert_bit_equal(part[0], restored[0][:, start:end])
+            assert_bit_equal(part[1], restored[1][:, start:end])
+
+
 # -- partial ranges and output dtype ----------------------------------------------------------
 
 

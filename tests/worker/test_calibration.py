@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from minicache_client.policy import (
     CompressionPolicy,
     LayerBits,
+    MergePlan,
     PairMerge,
     Quantization,
     load_policy,
@@ -29,6 +32,9 @@ def test_merge_candidates_cover_each_pair_side_and_t() -> None:
     assert len(candidates) == 29 * 2 * 2
     assert all(c.keys != c.values and c.retention is None for c in candidates)
     assert {c.first_layer for c in merge_candidates(30, (0.6,), (4, 28))} == {4, 28}
+    values_only = merge_candidates(30, (0.6,), kinds=("values",), window=32)
+    assert len(values_only) == 29
+    assert all(c.values and not c.keys and c.window == 32 for c in values_only)
     with pytest.raises(ValueError, match="no layer pair starts at 29"):
         merge_candidates(30, (0.6,), (29,))
 
@@ -69,7 +75,17 @@ def test_policy_changes_list_merges_and_one_step_lower_bits() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [{"budget": 0.0}, {"budget": 1.5}, {"windows": 0}, {"t_values": ()}, {"scored_tokens": 1}],
+    [
+        {"budget": 0.0},
+        {"budget": 1.5},
+        {"windows": 0},
+        {"t_values": ()},
+        {"scored_tokens": 1},
+        {"decode_chunk_tokens": 0},
+        {"merge_window": 8},  # below decode_chunk_tokens
+        {"merge_kinds": ()},
+        {"merge_kinds": ("both",)},
+    ],
 )
 def test_settings_are_validated(bad) -> None:
     with pytest.raises(ValueError):
@@ -97,6 +113,26 @@ def test_calibration_scores_only_calibration_text(lm) -> None:
         assert len(window.prefix_kv) == lm.num_layers
         assert window.prefix_kv[0][0].shape == (lm.kv_heads, SMALL.context_tokens, lm.head_dim)
     assert scorer.measure(CompressionPolicy("none")).cost == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.model
+def test_chunked_scoring_matches_token_by_token_decoding_when_the_window_covers_a_chunk(
+    lm,
+) -> None:
+    def perplexity(window: int, chunk: int) -> float:
+        settings = replace(SMALL, decode_chunk_tokens=chunk, merge_window=max(window, chunk))
+        policy = CompressionPolicy(
+            "one_pair",
+            merge=MergePlan(pairs=(PairMerge(16, keys=False, retention=None, window=window),)),
+        )
+        return CalibrationScorer(lm, settings).measure(policy).perplexity
+
+    # With a merge window of 16, a chunk of 16 sees no more unmerged tokens than
+    # decoding does: the figures agree up to 16-bit rounding of the stored history.
+    assert perplexity(16, 16) == pytest.approx(perplexity(16, 1), rel=0.005)
+    # Without a window, chunks would hide the damage decoding suffers: the reason
+    # calibration requires merge_window >= decode_chunk_tokens.
+    assert perplexity(0, 1) > 1.01 * perplexity(0, 16)
 
 
 @pytest.mark.model

@@ -1,8 +1,9 @@
 """Builds one layer group's `LayerGroupEntry` as tokens arrive.
 
 Tokens arrive in order, in chunks of any size: the prefill as one large chunk, then
-decode steps a few tokens at a time. A merged pair merges each chunk as it comes (its
-retention threshold fixed by the first chunk); quantized streams move tokens from the
+decode steps a few tokens at a time. A merged pair holds its most recent `window`
+tokens unmerged and merges older ones as they leave the window, chunk by chunk (its
+retention threshold fixed by the first merged chunk); quantized streams move tokens from the
 16-bit tail into quantized blocks once they are older than the recent window. Hence
 appending token by token stores the same as appending the same tokens in one chunk.
 `seal()` (end of a bulk put) also quantizes a last, partial block.
@@ -136,6 +137,7 @@ class LayerGroupEncoder:
             direction=self._new_stream(kind, self._bits(kind), direction_dtype),
             side=retention.side if retention else "most_distinct",
             sink_tokens=retention.sink_tokens if retention else 0,
+            window=merge.window,
         )
 
     # -- appending ------------------------------------------------------------------
@@ -176,11 +178,10 @@ class LayerGroupEncoder:
             raise ValueError("keys and values differ in token count")
         if count == 0:
             return
-        first_token = self.entry.tokens
         for kind, chunk in (("keys", keys), ("values", values)):
             side = getattr(self.entry, kind)
             if isinstance(side, MergedStream):
-                self._append_merged(side, self._merged_kind(kind), chunk, first_token)
+                self._append_merged(side, self._merged_kind(kind), chunk)
             else:
                 for stream, array in zip(side, chunk, strict=True):
                     self._append_stream(stream, array, self.dtype)
@@ -222,10 +223,22 @@ class LayerGroupEncoder:
             stream.blocks.append(quantize_block(block, stream.bits, stream.mode, stream.group_size))
             stream.tail = stream.tail[:, size:]
 
-    def _append_merged(
-        self, side: MergedStream, merge: PairMerge, chunk: Sequence[Any], first_token: int
-    ) -> None:
+    def _append_merged(self, side: MergedStream, merge: PairMerge, chunk: Sequence[Any]) -> None:
+        """Add the chunk to the recent window; merge what leaves it."""
+        if side.window:
+            xp = array_namespace(*chunk)
+            recent = _concat(xp, side.recent, xp.stack(list(chunk)), axis=2)
+            leaving = recent.shape[2] - side.window
+            if leaving <= 0:
+                side.recent = recent
+                return
+            side.recent = recent[:, :, leaving:].copy()
+            chunk = (recent[0, :, :leaving], recent[1, :, :leaving])
+        self._merge(side, merge, chunk)
+
+    def _merge(self, side: MergedStream, merge: PairMerge, chunk: Sequence[Any]) -> None:
         xp = array_namespace(*chunk)
+        first_token = side.merged_tokens
         x = widen_to_float32(chunk[0], self.dtype)
         y = widen_to_float32(chunk[1], self.dtype)
         storage = side.direction.storage_dtype
