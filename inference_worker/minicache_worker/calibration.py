@@ -25,7 +25,7 @@ Search, greedy and measured at every step:
    stored byte saved;
 3. apply changes in that order, re-measuring the combined policy each time, keeping a
    change only while the combined cost stays within the budget.
-The policy with the highest measured ratio wins.
+The policy with the highest measured ratio wins. `quantization_only` stops after 1.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ from minicache_worker.texts import split_text
 QUANTIZATION_CANDIDATES: tuple[Quantization, ...] = (
     Quantization(4, 4, 32, 32),
     Quantization(4, 3, 64, 32, sink_tokens=4),
+    Quantization(4, 3, 128, 64, sink_tokens=16),
     Quantization(3, 3, 128, 64, sink_tokens=16),
     Quantization(4, 2, 128, 64, sink_tokens=16),
     Quantization(3, 2, 128, 32, sink_tokens=16),
@@ -87,6 +88,9 @@ class CalibrationSettings:
     # Recent tokens a candidate merge keeps unmerged. At least decode_chunk_tokens, so
     # that the chunked scoring sees what token-by-token decoding sees.
     merge_window: int = 32
+    # Stop after step 1: the best quantization candidate within the budget (minutes,
+    # where the full search takes about an hour on two CPU cores).
+    quantization_only: bool = False
     quantization_candidates: tuple[Quantization, ...] = QUANTIZATION_CANDIDATES
 
     def __post_init__(self) -> None:
@@ -381,7 +385,7 @@ def calibrate(
     ]
     best_path = [finalists[0]]
     single_changes: list[Measurement] = []
-    for start in finalists:
+    for start in [] if settings.quantization_only else finalists:
         changes = policy_changes(start.policy, lm.num_layers, settings)
         singles = [
             (change, measured(change.apply(start.policy), "  " + change.label))

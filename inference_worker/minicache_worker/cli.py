@@ -147,6 +147,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     settings = CalibrationSettings(
         **{name: getattr(args, name) for name in CALIBRATION_FLAGS},
         merge_kinds=tuple(kind.strip() for kind in args.merge_kinds.split(",")),
+        quantization_only=args.quantization_only,
     )
     _progress(f"loading {args.model}")
     report = calibrate(load_model(args.model), settings, _progress)
@@ -214,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--merge-kinds",
         default=",".join(MERGE_KINDS),
         help="which sides candidate merges merge: keys, values or keys,values",
+    )
+    cal.add_argument(
+        "--quantization-only",
+        action="store_true",
+        help="only pick the best quantization candidate within the budget (minutes); "
+        "without it, per-pair merges and per-layer bit widths are searched too (an hour)",
     )
     _add_settings(cal, CalibrationSettings, CALIBRATION_FLAGS)
     cal.set_defaults(handler=run_calibrate)

@@ -154,3 +154,12 @@ def test_small_calibration_returns_the_best_policy_within_budget(lm, tmp_path) -
     path.write_text(policy.to_json())
     assert load_policy(str(path)) == policy
     assert "budget 5.00%" in policy.description
+
+
+@pytest.mark.model
+def test_quantization_only_calibration_stops_at_the_best_candidate_within_budget(lm) -> None:
+    report = calibrate(lm, replace(SMALL, quantization_only=True))
+    within = [m for m in report.quantization if m.cost <= SMALL.budget]
+    assert report.single_changes == []
+    assert report.path == [report.best]
+    assert report.best.compression_ratio == max(m.compression_ratio for m in within)
