@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of protos/ (do not edit: run `bash protos/generate.sh`)."""
