@@ -76,6 +76,20 @@ class SequenceEncoder:
         if seal:
             encoder.seal()
 
+    def load_entries(self, entries: list[LayerGroupEntry]) -> None:
+        """Continue from stored entries (one per layer group, in order): appends then
+        extend them, as if this encoder had built them."""
+        if [entry.layers for entry in entries] != [e.group.layers for e in self.encoders]:
+            raise ValueError("stored entries do not match this policy's layer groups")
+        for encoder, entry in zip(self.encoders, entries, strict=True):
+            if (entry.dtype, entry.kv_heads, entry.head_dim) != (
+                encoder.dtype,
+                encoder.kv_heads,
+                encoder.head_dim,
+            ):
+                raise ValueError(f"entry of layers {entry.layers} has another shape or dtype")
+            encoder.entry = entry
+
     def seal(self) -> None:
         if self.pending:
             raise ValueError(f"layers {sorted(self.pending)} still wait for their pair partner")

@@ -1,0 +1,51 @@
+"""`minicache-server`: run the cache server until SIGTERM or SIGINT.
+
+On the signal, health turns NOT_SERVING at once (load balancers stop routing), then
+in-flight calls get MINICACHE_GRACE_S seconds to finish before the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from minicache_server.logs import configure_logging
+from minicache_server.service.server import start_server
+from minicache_server.settings import SettingsError, load_settings
+
+log = logging.getLogger("minicache_server")
+
+
+async def serve(settings) -> None:
+    server = await start_server(settings)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        await stopping.wait()
+        log.info("shutting down", extra={"grace_s": settings.grace_s})
+    finally:
+        await server.stop()
+    log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = load_settings(argv)
+        configure_logging(settings.log_level, settings.log_format)
+    except (SettingsError, ValueError) as exc:
+        print(f"minicache-server: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve(settings))
+    except SettingsError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

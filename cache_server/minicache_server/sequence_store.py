@@ -1,0 +1,649 @@
+"""The cache server's domain: sequences of tenants, their entries in the tiers.
+
+Primitives (called by the gRPC servicer, one per RPC):
+
+- `begin_put(tenant, header) -> PutSession`, then `PutSession.add_chunk(chunk)` per
+  chunk and `PutSession.commit()`: a write from token 0 (new, or replacing) or from the
+  tokens held (an extension). Layers are encoded as they complete (a merged pair as
+  soon as both layers are in, raw layers dropped); nothing is visible before `commit`,
+  and a failed or cancelled put leaves the sequence as it was.
+- `prefetch(tenant, request)`: async iterator of restored layers or stored entries.
+- `lookup`, `delete`, `stats`.
+
+Entries live in the device tier under its byte budget; admission evicts least recently
+used entries of idle sequences to Redis, freeing each only after Redis acknowledged. A
+prefetch or extension of an overflowed entry promotes it back. An entry that fails
+verification on its way back loses the whole sequence: it is deleted and reads miss.
+Errors are the typed `minicache_client.errors` classes; the servicer maps them to codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from minicache_client.array_namespace import CARRIER_DTYPES, to_numpy
+from minicache_client.entry import (
+    CorruptEntryError,
+    LayerGroupEntry,
+    decode_entry,
+    encode_entry,
+    fp16_bytes,
+)
+from minicache_client.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    OutOfRangeError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from minicache_client.policy import CompressionPolicy, LayerGroup, load_policy
+from minicache_client.proto import cache_service_pb2 as pb
+from minicache_client.restore import restore_layer
+from minicache_client.wire import DTYPE_TO_WIRE, LayerAssembler, dtype_from_wire, layer_chunks
+from minicache_server.compression.layer_group_encoder import check_finite
+from minicache_server.compression.sequence_encoder import SequenceEncoder
+from minicache_server.metrics import CacheMetrics
+from minicache_server.tiers.device_tier import DeviceTier, EntryKey, held_bytes
+from minicache_server.tiers.redis_tier import OverflowUnavailableError, RedisTier
+
+log = logging.getLogger(__name__)
+
+MAX_ID_BYTES = 256
+_ID = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no spaces
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_chunk_bytes: int = 1 << 20
+    max_tokens: int = 1 << 17
+    max_layers: int = 256
+    max_kv_heads: int = 1024
+    max_head_dim: int = 1024
+    tenant_quota_bytes: int = 0
+
+
+@dataclass
+class StoredSequence:
+    """What the server knows of one committed sequence (its entries are in the tiers)."""
+
+    tenant: str
+    model_id: str
+    sequence_id: str
+    generation: int
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+    policy: CompressionPolicy
+    groups: tuple[LayerGroup, ...]
+    tokens: int = 0
+    # Per group: bytes in the device tier, or in Redis (its encoding's length).
+    overflow_bytes: dict[int, int] = field(default_factory=dict)
+    fp16_bytes: int = 0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def key(self, group: int) -> EntryKey:
+        return EntryKey(self.tenant, self.model_id, self.sequence_id, self.generation, group)
+
+    def group_of(self, layer: int) -> int:
+        for index, group in enumerate(self.groups):
+            if layer in group.layers:
+                return index
+        raise OutOfRangeError(f"layer {layer} is out of range for {self.num_layers} layers")
+
+
+def check_id(value: str, what: str) -> str:
+    if not value:
+        raise InvalidArgumentError(f"{what} is empty")
+    if len(value.encode()) > MAX_ID_BYTES or not _ID.match(value):
+        raise InvalidArgumentError(
+            f"{what} must be 1-{MAX_ID_BYTES} printable ASCII characters without spaces"
+        )
+    return value
+
+
+class PutSession:
+    """One write in progress (see the module docstring)."""
+
+    def __init__(self, store: SequenceStore, tenant: str, header: pb.SequenceHeader) -> None:
+        self.store = store
+        self.tenant = tenant
+        self.model_id = check_id(header.sequence.model_id, "model_id")
+        self.sequence_id = check_id(header.sequence.sequence_id, "sequence_id")
+        limits = store.limits
+        for name, value, limit in (
+            ("num_layers", header.num_layers, limits.max_layers),
+            ("kv_heads", header.kv_heads, limits.max_kv_heads),
+            ("head_dim", header.head_dim, limits.max_head_dim),
+        ):
+            if value == 0:
+                raise InvalidArgumentError(f"{name} must be >= 1")
+            if value > limit:
+                raise ResourceExhaustedError(f"{name} {value} is above this server's limit {limit}")
+        self.dtype = dtype_from_wire(header.dtype)
+        self.start, self.end = header.start_token, header.end_token
+        if self.end <= self.start:
+            raise InvalidArgumentError(
+                f"token range [{self.start}, {self.end}) is empty or reversed"
+            )
+        if self.end > limits.max_tokens:
+            raise ResourceExhaustedError(
+                f"end_token {self.end} is above this server's limit of {limits.max_tokens} "
+                "tokens per sequence"
+            )
+        self.seal = header.seal
+        self.shape = (header.num_layers, header.kv_heads, header.head_dim)
+        self.existing = store.sequences.get((tenant, self.model_id, self.sequence_id))
+        if self.start == 0:
+            self.policy = store.resolve_policy(header.policy, header.num_layers)
+            self.encoder = SequenceEncoder(
+                self.policy,
+                num_layers=header.num_layers,
+                kv_heads=header.kv_heads,
+                head_dim=header.head_dim,
+                dtype=self.dtype,
+            )
+        else:
+            self._check_extension(header)
+            self.encoder = None
+        self.assembler = LayerAssembler(
+            header.num_layers, header.kv_heads, self.end - self.start, header.head_dim, self.dtype
+        )
+        self.layers: dict[int, tuple[Any, Any]] = {}
+
+    def _check_extension(self, header: pb.SequenceHeader) -> None:
+        existing = self.existing
+        if existing is None:
+            raise NotFoundError(
+                f"sequence {self.model_id}/{self.sequence_id} is not held: write it from token 0"
+            )
+        if self.start != existing.tokens:
+            raise OutOfRangeError(
+                f"sequence holds {existing.tokens} tokens: a put starts at 0 (replace) or "
+                f"at {existing.tokens} (extend), not at {self.start}"
+            )
+        held = (existing.num_layers, existing.kv_heads, existing.head_dim)
+        if self.shape != held or self.dtype != existing.dtype:
+            raise InvalidArgumentError(
+                f"extension of layers/heads/head_dim {self.shape} in {self.dtype} does not "
+                f"match the sequence's {held} in {existing.dtype}"
+            )
+        if header.policy and self.store.resolve_policy(header.policy, held[0]) != existing.policy:
+            raise InvalidArgumentError("an extension cannot change the sequence's policy")
+        self.policy = existing.policy
+
+    async def add_chunk(self, chunk: pb.LayerChunk) -> None:
+        size = len(chunk.keys) + len(chunk.values)
+        if size > self.store.limits.max_chunk_bytes:
+            raise ResourceExhaustedError(
+                f"chunk of {size} bytes is above the limit of {self.store.limits.max_chunk_bytes}"
+            )
+        layer = self.assembler.add(chunk)
+        if layer is None:
+            return
+        keys, values = (self.store.to_device(array) for array in layer)
+        for name, array in (("keys", keys), ("values", values)):
+            check_finite(array, self.dtype, f"layer {chunk.layer} {name}")
+        if self.encoder is None:
+            self.layers[chunk.layer] = (keys, values)  # applied at commit, all or nothing
+        else:
+            await asyncio.to_thread(self.encoder.put_layer, chunk.layer, keys, values, self.seal)
+
+    async def commit(self) -> StoredSequence:
+        missing = self.assembler.missing_layers()
+        if missing:
+            shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
+            raise FailedPreconditionError(f"put ended with layers missing: {shown}")
+        if self.encoder is not None:
+            return await self.store.commit_new(self)
+        return await self.store.commit_extension(self)
+
+
+class SequenceStore:
+    def __init__(
+        self,
+        device_tier: DeviceTier,
+        overflow: RedisTier | None,
+        metrics: CacheMetrics,
+        limits: Limits,
+        default_policy: str = "default",
+    ) -> None:
+        self.device = device_tier
+        self.overflow = overflow
+        self.metrics = metrics
+        self.limits = limits
+        self.default_policy = default_policy
+        self.sequences: dict[tuple[str, str, str], StoredSequence] = {}
+        self._generation = 0
+        self._admission = asyncio.Lock()
+        metrics.device_budget_bytes.set(device_tier.budget_bytes)
+
+    @property
+    def xp(self) -> ModuleType:
+        return self.device.xp
+
+    def to_device(self, array: np.ndarray) -> Any:
+        return array if self.xp is np else self.xp.asarray(array)
+
+    def resolve_policy(self, name_or_json: str, num_layers: int) -> CompressionPolicy:
+        text = name_or_json or self.default_policy
+        try:
+            if text.lstrip().startswith("{"):
+                policy = CompressionPolicy.from_json(text)
+            else:
+                if "/" in text or text.endswith(".json"):
+                    raise ValueError(f"unknown policy {text!r}: send a preset name or policy JSON")
+                policy = load_policy(text)
+            policy.resolve_layer_groups(num_layers)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise InvalidArgumentError(f"policy: {exc}") from None
+        return policy
+
+    def begin_put(self, tenant: str, header: pb.SequenceHeader) -> PutSession:
+        return PutSession(self, tenant, header)
+
+    def _find(self, tenant: str, ref: pb.SequenceRef) -> StoredSequence:
+        model_id = check_id(ref.model_id, "model_id")
+        sequence_id = check_id(ref.sequence_id, "sequence_id")
+        sequence = self.sequences.get((tenant, model_id, sequence_id))
+        if sequence is None:
+            self.metrics.misses.inc(reason="unknown_sequence")
+            raise NotFoundError(f"sequence {model_id}/{sequence_id} is not held")
+        return sequence
+
+    # -- accounting ------------------------------------------------------------------
+
+    def tenant_bytes(self, tenant: str) -> int:
+        return sum(
+            sum(self.sequence_bytes(sequence))
+            for sequence in self.sequences.values()
+            if sequence.tenant == tenant
+        )
+
+    def sequence_bytes(self, sequence: StoredSequence) -> tuple[int, int]:
+        """(device bytes, overflow bytes) of a sequence."""
+        device = sum(
+            self.device.size_of(sequence.key(index))
+            for index in range(len(sequence.groups))
+            if sequence.key(index) in self.device
+        )
+        return device, sum(sequence.overflow_bytes.values())
+
+    def _update_gauges(self) -> None:
+        overflow = sum(sum(s.overflow_bytes.values()) for s in self.sequences.values())
+        fp16 = sum(s.fp16_bytes for s in self.sequences.values())
+        self.metrics.tier_bytes.set(self.device.used_bytes, tier=self.device.name)
+        self.metrics.tier_bytes.set(overflow, tier="redis")
+        self.metrics.fp16_bytes.set(fp16)
+        stored = self.device.used_bytes + overflow
+        self.metrics.compression_ratio.set(fp16 / stored if stored else 0)
+        self.metrics.sequences.set(len(self.sequences))
+        if self.overflow is not None:
+            self.metrics.overflow_available.set(1 if self.overflow.available else 0)
+
+    def _check_quota(self, tenant: str, adding: int, replacing: StoredSequence | None) -> None:
+        quota = self.limits.tenant_quota_bytes
+        if not quota:
+            return
+        held = self.tenant_bytes(tenant)
+        if replacing is not None:
+            held -= sum(self.sequence_bytes(replacing))
+        if held + adding > quota:
+            raise ResourceExhaustedError(
+                f"tenant quota of {quota} bytes exceeded: {held} held, this write needs {adding}"
+            )
+
+    # -- tier movement ----------------------------------------------------------------
+
+    def _busy(self, key: EntryKey, own: StoredSequence | None) -> bool:
+        sequence = self.sequences.get(key[:3])
+        if sequence is None or sequence.generation != key.generation:
+            return False
+        return sequence is not own and sequence.lock.locked()
+
+    async def _evict_until(self, free_needed: int, own: StoredSequence | None = None) -> None:
+        """Write least recently used entries to Redis until `free_needed` bytes are free.
+        Must hold `self._admission`. Entries of busy sequences (a put or prefetch in
+        progress) stay, except those of `own`, whose lock the caller holds."""
+        if self.device.free_bytes() >= free_needed:
+            return
+        if self.overflow is None:
+            raise ResourceExhaustedError(
+                f"device tier budget of {self.device.budget_bytes} bytes is full "
+                f"({self.device.used_bytes} held, {free_needed} needed) and no overflow "
+                "tier is configured"
+            )
+        for key in self.device.coldest():
+            if self.device.free_bytes() >= free_needed:
+                return
+            if self._busy(key, own):
+                continue
+            entry = self.device.get(key, touch=False)
+            data = await asyncio.to_thread(encode_entry, entry)
+            try:
+                await self.overflow.put(key, data)
+            except OverflowUnavailableError as exc:
+                raise UnavailableError(
+                    f"device tier is full and {exc}; the write was not stored"
+                ) from None
+            sequence = self.sequences.get(key[:3])
+            if key not in self.device or sequence is None or sequence.generation != key.generation:
+                # Deleted or replaced while Redis was writing: drop the orphan.
+                await self._delete_overflow([key])
+                continue
+            self.device.pop(key)
+            sequence.overflow_bytes[key.group] = len(data)
+            self.metrics.evictions.inc()
+        if self.device.free_bytes() < free_needed:
+            raise ResourceExhaustedError(
+                f"device tier budget of {self.device.budget_bytes} bytes cannot make room for "
+                f"{free_needed} bytes: the rest is in use by requests in progress"
+            )
+
+    async def _delete_overflow(self, keys: list[EntryKey]) -> None:
+        if self.overflow is None or not keys:
+            return
+        try:
+            await self.overflow.delete(keys)
+        except OverflowUnavailableError as exc:
+            # Never served again (its generation is gone); a TTL, if set, reclaims it.
+            log.warning("could not delete overflowed entries", extra={"error": str(exc)})
+
+    async def _make_room(self, needed: int, own: StoredSequence | None) -> None:
+        """Free `needed` bytes of the device tier. Must hold `self._admission`."""
+        if needed > self.device.budget_bytes:
+            raise ResourceExhaustedError(
+                f"{needed} stored bytes do not fit the device tier budget of "
+                f"{self.device.budget_bytes} bytes"
+            )
+        await self._evict_until(needed, own)
+
+    async def _admit(
+        self,
+        sequence: StoredSequence,
+        entries: dict[int, LayerGroupEntry],
+        evict_own: bool = True,
+    ) -> None:
+        """Put `entries` (group index -> entry, not in the device tier yet) of `sequence`
+        into the device tier, making room first. On an error nothing is admitted."""
+        needed = sum(held_bytes(entry) for entry in entries.values())
+        async with self._admission:
+            await self._make_room(needed, sequence if evict_own else None)
+            for index, entry in entries.items():
+                self.device.put(sequence.key(index), entry)
+                sequence.overflow_bytes.pop(index, None)
+
+    async def _entry(
+        self, sequence: StoredSequence, group: int, evict_own: bool = True
+    ) -> LayerGroupEntry:
+        """The group's entry, promoted from Redis if it overflowed. Caller holds the
+        sequence's lock. `evict_own`: promotion may evict the sequence's other groups."""
+        key = sequence.key(group)
+        entry = self.device.get(key)
+        if entry is not None:
+            self.metrics.hits.inc(tier=self.device.name)
+            return entry
+        if group not in sequence.overflow_bytes or self.overflow is None:
+            raise NotFoundError(f"entry {group} of the sequence is missing")
+        try:
+            data = await self.overflow.get(key)
+        except OverflowUnavailableError as exc:
+            raise UnavailableError(f"entry is in the overflow tier, which is down: {exc}") from None
+        try:
+            if data is None:
+                raise CorruptEntryError("entry is gone from Redis (evicted or expired)")
+            entry = await asyncio.to_thread(decode_entry, data)
+            if entry.layers != sequence.groups[group].layers or entry.tokens != sequence.tokens:
+                raise CorruptEntryError("entry does not belong to this sequence")
+        except CorruptEntryError as exc:
+            self.metrics.corrupt_entries.inc()
+            self.metrics.misses.inc(reason="lost_entry")
+            log.warning(
+                "overflowed entry failed verification; sequence dropped",
+                extra={
+                    "model_id": sequence.model_id,
+                    "sequence_id": sequence.sequence_id,
+                    "error": str(exc),
+                },
+            )
+            await self._drop(sequence)
+            raise NotFoundError(
+                f"sequence {sequence.model_id}/{sequence.sequence_id} was lost: an overflowed "
+                f"entry failed verification ({exc}); recompute it"
+            ) from None
+        self.metrics.hits.inc(tier="redis")
+        await self._admit(sequence, {group: entry}, evict_own)
+        self.metrics.promotions.inc()
+        await self._delete_overflow([key])
+        return entry
+
+    async def _drop(self, sequence: StoredSequence) -> None:
+        """Forget a sequence and free its entries in both tiers."""
+        if (
+            self.sequences.get((sequence.tenant, sequence.model_id, sequence.sequence_id))
+            is sequence
+        ):
+            del self.sequences[(sequence.tenant, sequence.model_id, sequence.sequence_id)]
+        for index in range(len(sequence.groups)):
+            self.device.pop(sequence.key(index))
+        await self._delete_overflow([sequence.key(index) for index in sequence.overflow_bytes])
+        sequence.overflow_bytes.clear()
+        self._update_gauges()
+
+    # -- writes -----------------------------------------------------------------------
+
+    async def commit_new(self, session: PutSession) -> StoredSequence:
+        encoder = session.encoder
+        if encoder.pending:
+            raise FailedPreconditionError(f"layers {sorted(encoder.pending)} wait for a partner")
+        entries = dict(enumerate(encoder.entries))
+        self._generation += 1
+        layers, heads, dim = session.shape
+        sequence = StoredSequence(
+            tenant=session.tenant,
+            model_id=session.model_id,
+            sequence_id=session.sequence_id,
+            generation=self._generation,
+            num_layers=layers,
+            kv_heads=heads,
+            head_dim=dim,
+            dtype=session.dtype,
+            policy=session.policy,
+            groups=tuple(encoder.group for encoder in encoder.encoders),
+            tokens=session.end,
+            fp16_bytes=sum(fp16_bytes(entry) for entry in entries.values()),
+        )
+        self._check_quota(
+            session.tenant, sum(held_bytes(e) for e in entries.values()), session.existing
+        )
+        async with sequence.lock:
+            await self._admit(sequence, entries)
+            replaced = self.sequences.get(
+                (sequence.tenant, sequence.model_id, sequence.sequence_id)
+            )
+            self.sequences[(sequence.tenant, sequence.model_id, sequence.sequence_id)] = sequence
+            if replaced is not None:
+                await self._drop(replaced)
+        self._update_gauges()
+        return sequence
+
+    async def commit_extension(self, session: PutSession) -> StoredSequence:
+        """Append the session's tokens to every group. All groups are promoted and room
+        for the new tokens is made first, so applying them cannot fail half-way."""
+        sequence = session.existing
+        async with sequence.lock:
+            if self.sequences.get(sequence_key(sequence)) is not sequence or (
+                sequence.tokens != session.start
+            ):
+                raise FailedPreconditionError(
+                    "the sequence changed while this extension was sent; look it up and retry"
+                )
+            groups = range(len(sequence.groups))
+            entries = [await self._entry(sequence, index, evict_own=False) for index in groups]
+            itemsize = CARRIER_DTYPES[sequence.dtype].itemsize
+            growth = (session.end - session.start) * sequence.num_layers * 2 * itemsize
+            growth *= sequence.kv_heads * sequence.head_dim
+            self._check_quota(sequence.tenant, growth, None)
+            encoder = SequenceEncoder(
+                sequence.policy,
+                num_layers=sequence.num_layers,
+                kv_heads=sequence.kv_heads,
+                head_dim=sequence.head_dim,
+                dtype=sequence.dtype,
+            )
+            encoder.load_entries(entries)
+
+            def apply() -> None:
+                for layer in range(sequence.num_layers):
+                    keys, values = session.layers[layer]
+                    encoder.put_layer(layer, keys, values, session.seal)
+
+            async with self._admission:
+                # New tokens take at most their raw size: reserve it, then apply.
+                await self._make_room(growth, None)
+                await asyncio.to_thread(apply)
+                for index, entry in enumerate(entries):
+                    self.device.put(sequence.key(index), entry)
+            sequence.tokens = session.end
+            sequence.fp16_bytes = sum(fp16_bytes(entry) for entry in entries)
+        self._update_gauges()
+        return sequence
+
+    # -- reads ------------------------------------------------------------------------
+
+    async def prefetch(self, tenant: str, request: pb.PrefetchRequest) -> AsyncIterator[Any]:
+        """Yields a SequenceHeader, then LayerChunk (restored) or EntryChunk messages."""
+        sequence = self._find(tenant, request.sequence)
+        start = request.start_token
+        end = request.end_token or sequence.tokens
+        if not start < end <= sequence.tokens:
+            raise OutOfRangeError(
+                f"token range [{start}, {end}) is outside the sequence's {sequence.tokens} tokens"
+            )
+        first = request.first_layer
+        last = request.last_layer if request.last_layer or first else sequence.num_layers - 1
+        if not first <= last < sequence.num_layers:
+            raise OutOfRangeError(
+                f"layers [{first}, {last}] are outside the sequence's {sequence.num_layers} layers"
+            )
+        compressed = request.wire_form == pb.WIRE_FORM_COMPRESSED
+        if (
+            request.wire_form not in (pb.WIRE_FORM_UNSPECIFIED, pb.WIRE_FORM_RESTORED)
+            and not compressed
+        ):
+            raise InvalidArgumentError(f"unknown wire_form {request.wire_form}")
+        dtype = sequence.dtype
+        if request.dtype != pb.DTYPE_UNSPECIFIED:
+            dtype = dtype_from_wire(request.dtype)
+            if compressed and dtype != sequence.dtype:
+                raise InvalidArgumentError(
+                    "the compressed wire form carries the stored dtype: restore into another "
+                    "dtype on the client"
+                )
+        yield pb.SequenceHeader(
+            sequence=request.sequence,
+            num_layers=sequence.num_layers,
+            kv_heads=sequence.kv_heads,
+            head_dim=sequence.head_dim,
+            dtype=DTYPE_TO_WIRE[dtype],
+            start_token=start,
+            end_token=end,
+            policy=sequence.policy.to_json() if compressed else "",
+        )
+        chunk_bytes = self.limits.max_chunk_bytes
+        sent_groups: set[int] = set()
+        for layer in range(first, last + 1):
+            group = sequence.group_of(layer)
+            if compressed and group in sent_groups:
+                continue
+            async with sequence.lock:
+                if self.sequences.get(sequence_key(sequence)) is not sequence:
+                    self.metrics.misses.inc(reason="deleted_during_prefetch")
+                    raise NotFoundError("the sequence was deleted or replaced during the prefetch")
+                entry = await self._entry(sequence, group)
+                if compressed:
+                    data = await asyncio.to_thread(encode_entry, entry)
+                else:
+                    keys, values = await asyncio.to_thread(
+                        restore_layer, entry, layer, start, end, dtype
+                    )
+            if compressed:
+                sent_groups.add(group)
+                for offset in range(0, len(data), chunk_bytes):
+                    yield pb.EntryChunk(
+                        layers=list(entry.layers),
+                        total_bytes=len(data),
+                        offset=offset,
+                        data=data[offset : offset + chunk_bytes],
+                    )
+            else:
+                for chunk in layer_chunks(
+                    layer, to_numpy(keys), to_numpy(values), dtype, chunk_bytes
+                ):
+                    yield chunk
+        self._update_gauges()
+
+    def lookup(self, tenant: str, ref: pb.SequenceRef) -> pb.LookupResponse:
+        sequence = self._find(tenant, ref)
+        device, overflow = self.sequence_bytes(sequence)
+        return pb.LookupResponse(
+            header=pb.SequenceHeader(
+                sequence=ref,
+                num_layers=sequence.num_layers,
+                kv_heads=sequence.kv_heads,
+                head_dim=sequence.head_dim,
+                dtype=DTYPE_TO_WIRE[sequence.dtype],
+                start_token=0,
+                end_token=sequence.tokens,
+                policy=sequence.policy.to_json(),
+            ),
+            device_bytes=device,
+            overflow_bytes=overflow,
+            device_groups=len(sequence.groups) - len(sequence.overflow_bytes),
+            overflow_groups=len(sequence.overflow_bytes),
+            fp16_bytes=sequence.fp16_bytes,
+        )
+
+    async def delete(self, tenant: str, ref: pb.SequenceRef) -> bool:
+        try:
+            sequence = self._find(tenant, ref)
+        except NotFoundError:
+            return False
+        await self._drop(sequence)
+        return True
+
+    def stats(self, tenant: str) -> pb.StatsResponse:
+        mine = [s for s in self.sequences.values() if s.tenant == tenant]
+        device = overflow = 0
+        for sequence in mine:
+            d, o = self.sequence_bytes(sequence)
+            device, overflow = device + d, overflow + o
+        return pb.StatsResponse(
+            sequences=len(mine),
+            tokens=sum(s.tokens for s in mine),
+            device_bytes=device,
+            overflow_bytes=overflow,
+            fp16_bytes=sum(s.fp16_bytes for s in mine),
+            quota_bytes=self.limits.tenant_quota_bytes,
+            device_budget_bytes=self.device.budget_bytes,
+            overflow_available=self.overflow is not None and self.overflow.available,
+        )
+
+    def response_for(self, sequence: StoredSequence) -> pb.PutResponse:
+        device, overflow = self.sequence_bytes(sequence)
+        return pb.PutResponse(
+            tokens=sequence.tokens, stored_bytes=device + overflow, fp16_bytes=sequence.fp16_bytes
+        )
+
+
+def sequence_key(sequence: StoredSequence) -> tuple[str, str, str]:
+    return (sequence.tenant, sequence.model_id, sequence.sequence_id)

@@ -1,0 +1,1 @@
+"""The gRPC face of the cache server: servicer, authentication, server assembly."""

@@ -1,0 +1,174 @@
+"""Assembles a running cache server from `ServerSettings`.
+
+`start_server(settings)` binds the gRPC port (port 0 picks a free one: tests use it),
+adds the library's health service and reflection, the auth interceptor, TLS when
+configured, and the metrics HTTP endpoint. `CacheServer.stop()` drains gracefully:
+health turns NOT_SERVING first, in-flight calls get `grace_s` to finish.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+from types import ModuleType
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from minicache_client.proto import cache_service_pb2 as pb
+from minicache_client.proto import cache_service_pb2_grpc as pb_grpc
+from minicache_server.metrics import CacheMetrics, serve_metrics
+from minicache_server.sequence_store import Limits, SequenceStore
+from minicache_server.service.auth import AuthInterceptor, TokenAuth
+from minicache_server.service.servicer import CacheServicer
+from minicache_server.settings import ServerSettings, SettingsError
+from minicache_server.tiers.device_tier import DeviceTier
+from minicache_server.tiers.redis_tier import RedisTier
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CacheService"].full_name
+
+
+def array_module(device: str) -> ModuleType:
+    """NumPy, or CuPy when a CUDA device is wanted (`cuda`) or present (`auto`)."""
+    if device == "cpu":
+        return np
+    try:
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            return cupy
+    except Exception as exc:  # no CuPy, no driver, no device: all mean "no GPU"
+        if device == "cuda":
+            raise SettingsError(
+                f"MINICACHE_DEVICE=cuda but no CUDA device is usable: {exc}"
+            ) from None
+    if device == "cuda":
+        raise SettingsError("MINICACHE_DEVICE=cuda but no CUDA device is present")
+    return np
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise SettingsError(f"address {address!r} must be host:port")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+@dataclass
+class CacheServer:
+    server: grpc.aio.Server
+    port: int
+    store: SequenceStore
+    health: health.aio.HealthServicer
+    metrics: CacheMetrics
+    metrics_http: ThreadingHTTPServer | None
+    settings: ServerSettings
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics_http.server_port if self.metrics_http else None
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.grace_s if grace_s is None else grace_s)
+        if self.metrics_http is not None:
+            self.metrics_http.shutdown()
+            self.metrics_http.server_close()
+        if self.store.overflow is not None:
+            await self.store.overflow.close()
+
+
+def _credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
+    if not settings.tls_cert:
+        return None
+    client_ca = Path(settings.tls_client_ca).read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+async def start_server(settings: ServerSettings) -> CacheServer:
+    """Build, bind and start a cache server (inside a running asyncio loop)."""
+    metrics = CacheMetrics()
+    overflow = None
+    if settings.redis_url:
+        overflow = RedisTier(
+            settings.redis_url,
+            username=settings.redis_username,
+            password=settings.redis_password_value(),
+            tls_ca=settings.redis_tls_ca,
+            pool_size=settings.redis_pool_size,
+            timeout_s=settings.redis_timeout_s,
+            ttl_s=settings.redis_ttl_s,
+            key_prefix=settings.redis_key_prefix,
+        )
+        if not await overflow.ping():
+            log.warning("Redis does not answer yet; the device tier serves meanwhile")
+    device_tier = DeviceTier(settings.device_budget_bytes, array_module(settings.device))
+    limits = Limits(
+        max_chunk_bytes=settings.max_chunk_bytes,
+        max_tokens=settings.max_tokens,
+        max_layers=settings.max_layers,
+        tenant_quota_bytes=settings.tenant_quota_bytes,
+    )
+    store = SequenceStore(device_tier, overflow, metrics, limits, settings.default_policy)
+    store.resolve_policy("", 64)  # a bad default policy stops start-up, not the first put
+    auth = TokenAuth(settings.token_tenants())
+    server = grpc.aio.server(
+        interceptors=[AuthInterceptor(auth)],
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    pb_grpc.add_CacheServiceServicer_to_server(CacheServicer(store, auth, metrics), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    credentials = _credentials(settings)
+    if credentials is None:
+        port = server.add_insecure_port(settings.listen)
+    else:
+        port = server.add_secure_port(settings.listen, credentials)
+    if port == 0:
+        raise SettingsError(f"MINICACHE_LISTEN: cannot bind {settings.listen}")
+    metrics_http = None
+    if settings.metrics_listen:
+        host, metrics_port = _split_address(settings.metrics_listen)
+        metrics_http = serve_metrics(metrics, host, metrics_port)
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if settings.insecure and (credentials is None or not auth.required):
+        missing = [what for what, ok in (("TLS", credentials), ("tokens", auth.required)) if not ok]
+        log.warning(
+            "INSECURE MODE: %s off; anyone who reaches port %d can read and write the cache. "
+            "For local development only.",
+            " and ".join(missing),
+            port,
+        )
+    log.info(
+        "cache server listening",
+        extra={
+            "port": port,
+            "tls": credentials is not None,
+            "mutual_tls": bool(settings.tls_client_ca),
+            "tenants": len(set(auth.token_tenants.values())),
+            "device_tier": device_tier.name,
+            "device_budget_bytes": device_tier.budget_bytes,
+            "overflow": overflow.url_for_logs if overflow else None,
+            "metrics_port": metrics_http.server_port if metrics_http else None,
+        },
+    )
+    return CacheServer(server, port, store, health_servicer, metrics, metrics_http, settings)
