@@ -1,0 +1,109 @@
+"""`minicache-server` as a process: start-up checks, health, metrics, SIGTERM drain."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from service_fixtures import free_port
+
+from minicache_client.proto import cache_service_pb2 as pb
+from minicache_client.proto import cache_service_pb2_grpc as pb_grpc
+
+# The console script installed beside this interpreter (the venv's bin/).
+SERVER = str(Path(sys.executable).with_name("minicache-server"))
+
+
+def _start(env_overrides: dict[str, str]) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MINICACHE_")}
+    env.update(env_overrides)
+    return subprocess.Popen(
+        [SERVER], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _health(address: str) -> str:
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        status = stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+
+
+def _wait_serving(address: str, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"server exited early: {process.stderr.read()}")
+        try:
+            if _health(address) == "SERVING":
+                return
+        except grpc.RpcError:
+            time.sleep(0.1)
+    pytest.fail("server did not become SERVING within 30 s")
+
+
+def test_refuses_to_start_without_security_unless_insecure() -> None:
+    process = _start({"MINICACHE_LISTEN": f"127.0.0.1:{free_port()}"})
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 2
+    assert "MINICACHE_INSECURE" in stderr
+
+
+def test_bad_setting_names_its_variable() -> None:
+    process = _start({"MINICACHE_INSECURE": "1", "MINICACHE_DEVICE_BUDGET_BYTES": "lots"})
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 2
+    assert "MINICACHE_DEVICE_BUDGET_BYTES" in stderr
+
+
+def test_serves_health_metrics_and_drains_on_sigterm() -> None:
+    port, metrics_port = free_port(), free_port()
+    address = f"127.0.0.1:{port}"
+    process = _start(
+        {
+            "MINICACHE_LISTEN": address,
+            "MINICACHE_METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
+            "MINICACHE_INSECURE": "1",
+            "MINICACHE_GRACE_S": "2",
+        }
+    )
+    try:
+        _wait_serving(address, process)
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_grpc.CacheServiceStub(channel)
+            stats = stub.Stats(pb.StatsRequest(), timeout=5)
+            assert stats.sequences == 0
+            with pytest.raises(grpc.RpcError) as missing:
+                stub.Lookup(
+                    pb.LookupRequest(sequence=pb.SequenceRef(model_id="m", sequence_id="s")),
+                    timeout=5,
+                )
+            assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        assert 'minicache_requests_total{method="Stats",code="OK"} 1' in text
+        assert 'minicache_requests_total{method="Lookup",code="NOT_FOUND"} 1' in text
+        assert 'minicache_misses_total{reason="unknown_sequence"} 1' in text
+        assert "minicache_request_seconds_bucket" in text
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    stderr = process.stderr.read()
+    records = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    messages = [record["message"] for record in records]
+    assert any("INSECURE MODE" in message for message in messages)
+    assert "shutting down" in messages and "stopped" in messages
+    listening = next(r for r in records if r["message"] == "cache server listening")
+    assert listening["port"] == port and listening["tls"] is False
