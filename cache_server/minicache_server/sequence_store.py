@@ -38,6 +38,7 @@ from minicache_client.entry import (
     fp16_bytes,
 )
 from minicache_client.errors import (
+    CacheError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
@@ -45,7 +46,7 @@ from minicache_client.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from minicache_client.policy import CompressionPolicy, LayerGroup, load_policy
+from minicache_client.policy import PRESETS, CompressionPolicy, LayerGroup, load_policy
 from minicache_client.proto import cache_service_pb2 as pb
 from minicache_client.restore import restore_layer
 from minicache_client.wire import DTYPE_TO_WIRE, LayerAssembler, dtype_from_wire, layer_chunks
@@ -99,6 +100,10 @@ class StoredSequence:
             if layer in group.layers:
                 return index
         raise OutOfRangeError(f"layer {layer} is out of range for {self.num_layers} layers")
+
+
+class LostEntryError(CorruptEntryError):
+    """An overflowed entry is no longer in Redis."""
 
 
 def check_id(value: str, what: str) -> str:
@@ -191,12 +196,19 @@ class PutSession:
         if layer is None:
             return
         keys, values = (self.store.to_device(array) for array in layer)
-        for name, array in (("keys", keys), ("values", values)):
-            check_finite(array, self.dtype, f"layer {chunk.layer} {name}")
-        if self.encoder is None:
-            self.layers[chunk.layer] = (keys, values)  # applied at commit, all or nothing
-        else:
-            await asyncio.to_thread(self.encoder.put_layer, chunk.layer, keys, values, self.seal)
+        try:
+            for name, array in (("keys", keys), ("values", values)):
+                check_finite(array, self.dtype, f"layer {chunk.layer} {name}")
+            if self.encoder is None:
+                self.layers[chunk.layer] = (keys, values)  # applied at commit, all or nothing
+            else:
+                await asyncio.to_thread(
+                    self.encoder.put_layer, chunk.layer, keys, values, self.seal
+                )
+        except ValueError as exc:  # the engine's checks of the tensors
+            if isinstance(exc, CacheError):
+                raise
+            raise InvalidArgumentError(str(exc)) from None
 
     async def commit(self) -> StoredSequence:
         missing = self.assembler.missing_layers()
@@ -235,14 +247,20 @@ class SequenceStore:
         return array if self.xp is np else self.xp.asarray(array)
 
     def resolve_policy(self, name_or_json: str, num_layers: int) -> CompressionPolicy:
-        text = name_or_json or self.default_policy
+        """A client's policy: a preset name or policy JSON (never a server-side path).
+        Empty means the server's default, which the operator may give as a file path."""
         try:
-            if text.lstrip().startswith("{"):
-                policy = CompressionPolicy.from_json(text)
+            if not name_or_json:
+                policy = load_policy(self.default_policy)
+            elif name_or_json.lstrip().startswith("{"):
+                policy = CompressionPolicy.from_json(name_or_json)
+            elif name_or_json in PRESETS:
+                policy = PRESETS[name_or_json]
             else:
-                if "/" in text or text.endswith(".json"):
-                    raise ValueError(f"unknown policy {text!r}: send a preset name or policy JSON")
-                policy = load_policy(text)
+                raise ValueError(
+                    f"unknown policy {name_or_json!r}: send one of {', '.join(PRESETS)} or a "
+                    "policy as JSON"
+                )
             policy.resolve_layer_groups(num_layers)
         except (ValueError, TypeError, KeyError) as exc:
             raise InvalidArgumentError(f"policy: {exc}") from None
@@ -395,20 +413,24 @@ class SequenceStore:
         if group not in sequence.overflow_bytes or self.overflow is None:
             raise NotFoundError(f"entry {group} of the sequence is missing")
         try:
-            data = await self.overflow.get(key)
-        except OverflowUnavailableError as exc:
-            raise UnavailableError(f"entry is in the overflow tier, which is down: {exc}") from None
-        try:
+            try:
+                data = await self.overflow.get(key)
+            except OverflowUnavailableError as exc:
+                raise UnavailableError(
+                    f"entry is in the overflow tier, which is down: {exc}"
+                ) from None
             if data is None:
-                raise CorruptEntryError("entry is gone from Redis (evicted or expired)")
+                raise LostEntryError("entry is gone from Redis (evicted, expired or flushed)")
             entry = await asyncio.to_thread(decode_entry, data)
             if entry.layers != sequence.groups[group].layers or entry.tokens != sequence.tokens:
                 raise CorruptEntryError("entry does not belong to this sequence")
         except CorruptEntryError as exc:
-            self.metrics.corrupt_entries.inc()
-            self.metrics.misses.inc(reason="lost_entry")
+            lost = isinstance(exc, LostEntryError)
+            if not lost:
+                self.metrics.corrupt_entries.inc()
+            self.metrics.misses.inc(reason="lost_entry" if lost else "corrupt_entry")
             log.warning(
-                "overflowed entry failed verification; sequence dropped",
+                "overflowed entry unusable; sequence dropped",
                 extra={
                     "model_id": sequence.model_id,
                     "sequence_id": sequence.sequence_id,
@@ -418,7 +440,7 @@ class SequenceStore:
             await self._drop(sequence)
             raise NotFoundError(
                 f"sequence {sequence.model_id}/{sequence.sequence_id} was lost: an overflowed "
-                f"entry failed verification ({exc}); recompute it"
+                f"entry is unusable ({exc}); recompute it"
             ) from None
         self.metrics.hits.inc(tier="redis")
         await self._admit(sequence, {group: entry}, evict_own)
@@ -530,10 +552,11 @@ class SequenceStore:
                 f"token range [{start}, {end}) is outside the sequence's {sequence.tokens} tokens"
             )
         first = request.first_layer
-        last = request.last_layer if request.last_layer or first else sequence.num_layers - 1
-        if not first <= last < sequence.num_layers:
+        end_layer = request.end_layer or sequence.num_layers
+        if not first < end_layer <= sequence.num_layers:
             raise OutOfRangeError(
-                f"layers [{first}, {last}] are outside the sequence's {sequence.num_layers} layers"
+                f"layers [{first}, {end_layer}) are outside the sequence's "
+                f"{sequence.num_layers} layers"
             )
         compressed = request.wire_form == pb.WIRE_FORM_COMPRESSED
         if (
@@ -561,7 +584,7 @@ class SequenceStore:
         )
         chunk_bytes = self.limits.max_chunk_bytes
         sent_groups: set[int] = set()
-        for layer in range(first, last + 1):
+        for layer in range(first, end_layer):
             group = sequence.group_of(layer)
             if compressed and group in sent_groups:
                 continue

@@ -29,6 +29,18 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _is_int(value: Any) -> bool:
+    # JSON policies arrive from clients: 4.0 or true is not a bit width or a count.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require_count(name: str, value: Any, minimum: int = 0) -> None:
+    _require(
+        _is_int(value) and value >= minimum,
+        f"{name} must be >= {minimum}, got {value!r} (an integer)",
+    )
+
+
 @dataclass(frozen=True)
 class Retention:
     """Which tokens of a merged pair stay unmerged.
@@ -56,7 +68,7 @@ class Retention:
             self.side in RETENTION_SIDES,
             f"retention side must be one of {RETENTION_SIDES}, got {self.side!r}",
         )
-        _require(self.sink_tokens >= 0, f"sink_tokens must be >= 0, got {self.sink_tokens}")
+        _require_count("sink_tokens", self.sink_tokens)
 
 
 @dataclass(frozen=True)
@@ -82,10 +94,17 @@ class PairMerge:
     window: int = 0
 
     def __post_init__(self) -> None:
-        _require(self.first_layer >= 0, f"first_layer must be >= 0, got {self.first_layer}")
+        _require_count("first_layer", self.first_layer)
+        _require(
+            isinstance(self.keys, bool) and isinstance(self.values, bool),
+            "a pair's keys and values flags must be true or false",
+        )
         _require(self.keys or self.values, "a pair must merge keys, values or both")
-        _require(0.0 <= self.t <= 1.0, f"t must be in [0, 1], got {self.t}")
-        _require(self.window >= 0, f"merge window must be >= 0, got {self.window}")
+        _require(
+            isinstance(self.t, (int, float)) and not isinstance(self.t, bool) and 0 <= self.t <= 1,
+            f"t must be in [0, 1], got {self.t!r}",
+        )
+        _require_count("merge window", self.window)
         _require(
             self.method in MERGE_METHODS,
             f"merge method must be one of {MERGE_METHODS}, got {self.method!r}",
@@ -111,6 +130,10 @@ class MergePlan:
     window: int = 0
 
     def __post_init__(self) -> None:
+        _require(
+            self.start_layer is None or _is_int(self.start_layer),
+            f"start_layer must be an integer, got {self.start_layer!r}",
+        )
         if self.pairs is not None:
             _require(self.start_layer is None, "give either start_layer or pairs, not both")
             layers = [layer for pair in self.pairs for layer in pair.layers]
@@ -153,14 +176,14 @@ class LayerBits:
     value_bits: int | None
 
     def __post_init__(self) -> None:
-        _require(self.layer >= 0, f"layer_bits layer must be >= 0, got {self.layer}")
+        _require_count("layer_bits layer", self.layer)
         _check_bits(f"layer {self.layer} key_bits", self.key_bits)
         _check_bits(f"layer {self.layer} value_bits", self.value_bits)
 
 
 def _check_bits(what: str, bits: int | None) -> None:
     _require(
-        bits is None or bits in QUANT_BITS,
+        bits is None or (_is_int(bits) and bits in QUANT_BITS),
         f"{what} must be one of {QUANT_BITS} or null, got {bits}",
     )
 
@@ -189,10 +212,12 @@ class Quantization:
         _check_bits("value_bits", self.value_bits)
         layers = [override.layer for override in self.layer_bits]
         _require(len(layers) == len(set(layers)), f"layer_bits names a layer twice: {layers}")
-        _require(self.key_group_size >= 1, "key_group_size must be >= 1")
-        _require(self.value_group_size >= 1, "value_group_size must be >= 1")
-        _require(self.window >= 0, "window must be >= 0")
-        _require(self.sink_tokens >= 0, "sink_tokens must be >= 0")
+        _require_count("key_group_size", self.key_group_size, 1)
+        _require_count("value_group_size", self.value_group_size, 1)
+        _require_count("window", self.window)
+        _require_count("sink_tokens", self.sink_tokens)
+        for layer in self.full_precision_layers:
+            _require_count("full_precision_layers entry", layer)
 
     def bits_for(self, kind: str, layer: int) -> int | None:
         if layer in self.full_precision_layers:

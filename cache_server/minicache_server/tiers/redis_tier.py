@@ -1,7 +1,9 @@
 """The overflow tier: checksummed entry encodings in Redis.
 
-Redis is treated as lossy: what comes back is verified by the caller (`decode_entry`)
-and a failed check is a miss. Connection settings are passed explicitly (pool size,
+Redis is treated as lossy: what comes back is verified and a failed check is a miss.
+Each value starts with the Redis key it was written under, so an entry that is valid but
+sits under another key (copied, renamed, a stale generation) is refused here; the
+entry's own checksum is verified by the caller (`decode_entry`). Connection settings are passed explicitly (pool size,
 timeouts, bounded retries of connection errors only): redis-py's defaults differ between
 versions. Any Redis failure surfaces as `OverflowUnavailableError`; the connection pool
 reconnects by itself once Redis is back.
@@ -10,6 +12,7 @@ reconnects by itself once Redis is back.
 from __future__ import annotations
 
 import logging
+import struct
 from urllib.parse import quote
 
 import redis.asyncio as redis_asyncio
@@ -19,9 +22,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from minicache_client.entry import CorruptEntryError
 from minicache_server.tiers.device_tier import EntryKey
 
 log = logging.getLogger(__name__)
+
+_KEY_LENGTH = struct.Struct("<H")
 
 
 class OverflowUnavailableError(RuntimeError):
@@ -85,19 +91,30 @@ class RedisTier:
 
     async def put(self, key: EntryKey, data: bytes) -> None:
         """Store `data`; returns once Redis acknowledged the write."""
+        name = self.key(key)
+        bound = _KEY_LENGTH.pack(len(name.encode())) + name.encode() + data
         try:
-            await self.client.set(self.key(key), data, ex=self.ttl_s or None)
+            await self.client.set(name, bound, ex=self.ttl_s or None)
         except (RedisError, OSError) as exc:
             raise self._failed("write", exc) from exc
         self._succeeded()
 
-    async def get(self, key: EntryKey) -> bytes | None:
+    async def get(self, key: EntryKey) -> memoryview | None:
+        """The stored bytes, None when the key is absent; `CorruptEntryError` when the
+        value was not written under this key."""
+        name = self.key(key).encode()
         try:
-            data = await self.client.get(self.key(key))
+            data = await self.client.get(name)
         except (RedisError, OSError) as exc:
             raise self._failed("read", exc) from exc
         self._succeeded()
-        return data
+        if data is None:
+            return None
+        view = memoryview(data)
+        size = _KEY_LENGTH.size
+        if len(view) < size or view[size : size + _KEY_LENGTH.unpack_from(view)[0]] != name:
+            raise CorruptEntryError("overflowed value was not written under its key")
+        return view[size + len(name) :]
 
     async def delete(self, keys: list[EntryKey]) -> None:
         if not keys:

@@ -98,22 +98,22 @@ class PutResponse(_message.Message):
     def __init__(self, tokens: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., fp16_bytes: _Optional[int] = ...) -> None: ...
 
 class PrefetchRequest(_message.Message):
-    __slots__ = ("sequence", "start_token", "end_token", "first_layer", "last_layer", "wire_form", "dtype")
+    __slots__ = ("sequence", "start_token", "end_token", "first_layer", "end_layer", "wire_form", "dtype")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     START_TOKEN_FIELD_NUMBER: _ClassVar[int]
     END_TOKEN_FIELD_NUMBER: _ClassVar[int]
     FIRST_LAYER_FIELD_NUMBER: _ClassVar[int]
-    LAST_LAYER_FIELD_NUMBER: _ClassVar[int]
+    END_LAYER_FIELD_NUMBER: _ClassVar[int]
     WIRE_FORM_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     sequence: SequenceRef
     start_token: int
     end_token: int
     first_layer: int
-    last_layer: int
+    end_layer: int
     wire_form: WireForm
     dtype: DType
-    def __init__(self, sequence: _Optional[_Union[SequenceRef, _Mapping]] = ..., start_token: _Optional[int] = ..., end_token: _Optional[int] = ..., first_layer: _Optional[int] = ..., last_layer: _Optional[int] = ..., wire_form: _Optional[_Union[WireForm, str]] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    def __init__(self, sequence: _Optional[_Union[SequenceRef, _Mapping]] = ..., start_token: _Optional[int] = ..., end_token: _Optional[int] = ..., first_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., wire_form: _Optional[_Union[WireForm, str]] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class EntryChunk(_message.Message):
     __slots__ = ("layers", "total_bytes", "offset", "data")
