@@ -1,0 +1,204 @@
+#!/usr/bin/env bash
+# Writes throwaway credentials for a MiniCache cluster into one directory:
+#
+#   ca.crt ca.key            a private CA (ca.key stays 0600 and is never mounted)
+#   server.crt server.key    the cache servers' certificate (serverAuth + clientAuth, so
+#                            the in-image health probe can also present it under mTLS)
+#   client.crt client.key    a client certificate for mTLS (MINICACHE_TLS_CLIENT_CA)
+#   redis.crt redis.key      Redis' TLS certificate
+#   tokens                   "<token> <tenant>" lines: tenant-a and tenant-b
+#   redis-password           the password of Redis user `minicache`
+#   redis-users.acl          Redis ACL file: default user off, `minicache` by SHA-256
+#
+# For docker compose (default output dir, which is git-ignored):
+#   bash deploy/certs/generate.sh
+# For a Kubernetes overlay (its secretGenerator reads these files; also git-ignored):
+#   bash deploy/certs/generate.sh --out deploy/kubernetes/overlays/dev/secrets --namespace minicache-dev
+#
+# Idempotent: existing files are kept (a new CA re-issues every certificate); --force
+# regenerates everything. These are development credentials: use your own PKI and
+# secret store in production.
+set -euo pipefail
+
+repo_root="$(cd "$(dirname "$0")/../.." && pwd)"
+out="$repo_root/deploy/certs/out"
+namespace="minicache"
+replicas=3
+days=365
+force=0
+
+usage() {
+  cat <<EOF
+usage: $0 [--out DIR] [--namespace NS] [--replicas N] [--days N] [--force]
+  --out DIR        output directory (default deploy/certs/out); inside the repository only
+                   deploy/certs/out or deploy/kubernetes/overlays/<name>/secrets
+  --namespace NS   Kubernetes namespace for the certificates' DNS names (default minicache)
+  --replicas N     cache-server pods named in the certificate (default 3; a wildcard
+                   for the headless service covers more)
+  --days N         certificate validity (default 365)
+  --force          regenerate every file, even those that exist
+EOF
+}
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) out="${2:?--out needs a directory}"; shift 2 ;;
+    --namespace) namespace="${2:?--namespace needs a name}"; shift 2 ;;
+    --replicas) replicas="${2:?--replicas needs a number}"; shift 2 ;;
+    --days) days="${2:?--days needs a number}"; shift 2 ;;
+    --force) force=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "generate.sh: unknown argument: $1" >&2; usage >&2; exit 2 ;;
+  esac
+done
+
+case "$replicas" in ''|*[!0-9]*) echo "generate.sh: --replicas must be a number" >&2; exit 2 ;; esac
+case "$days" in ''|*[!0-9]*) echo "generate.sh: --days must be a number" >&2; exit 2 ;; esac
+command -v openssl >/dev/null || { echo "generate.sh: openssl is required" >&2; exit 1; }
+
+case "$out" in /*) ;; *) out="$PWD/$out" ;; esac
+out="$(realpath -m "$out" 2>/dev/null || printf '%s' "$out")"
+# Inside the repository only the git-ignored locations: secrets must never be committed.
+case "$out/" in
+  "$repo_root/deploy/certs/out/" | "$repo_root"/deploy/kubernetes/overlays/*/secrets/) ;;
+  "$repo_root"/*)
+    echo "generate.sh: refusing to write secrets to $out: inside the repository use" \
+      "deploy/certs/out or deploy/kubernetes/overlays/<name>/secrets (git-ignored)" >&2
+    exit 1 ;;
+esac
+mkdir -p "$out"
+# The directory protects the files on the host; the files themselves are readable so that
+# the containers' non-root users (10001, Redis 999) can read them through bind mounts.
+chmod 0700 "$out"
+
+log() { printf '[certs] %s\n' "$*"; }
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+
+need() {  # need FILE...: true when any of the files must be (re)written
+  [ "$force" -eq 1 ] && return 0
+  local f
+  for f in "$@"; do [ -s "$out/$f" ] || return 0; done
+  return 1
+}
+
+new_key() {  # new_key PATH: an EC P-256 key (accepted by gRPC, Redis and redis-py)
+  openssl ecparam -name prime256v1 -genkey -noout -out "$1"
+}
+
+serial() { echo "0x$(openssl rand -hex 16)"; }
+
+sign() {  # sign NAME CN EXTENSIONS: NAME.key + NAME.crt signed by the CA
+  local name="$1" cn="$2" extensions="$3"
+  new_key "$tmp/$name.key"
+  openssl req -new -key "$tmp/$name.key" -subj "/O=MiniCache/CN=$cn" -out "$tmp/$name.csr" \
+    -config "$tmp/req.cnf"
+  printf '%s\n' "$extensions" >"$tmp/$name.ext"
+  openssl x509 -req -in "$tmp/$name.csr" -CA "$out/ca.crt" -CAkey "$out/ca.key" \
+    -set_serial "$(serial)" -days "$days" -sha256 -extfile "$tmp/$name.ext" \
+    -out "$tmp/$name.crt" 2>/dev/null
+  install -m 0644 "$tmp/$name.key" "$out/$name.key"
+  install -m 0644 "$tmp/$name.crt" "$out/$name.crt"
+  log "wrote $name.crt, $name.key ($cn)"
+}
+
+dns_list() {  # dns_list NAME...: "DNS:a,DNS:b"
+  local first=1 name
+  for name in "$@"; do
+    [ $first -eq 1 ] || printf ','
+    printf 'DNS:%s' "$name"
+    first=0
+  done
+}
+
+cat >"$tmp/req.cnf" <<'EOF'
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+[v3_ca]
+basicConstraints = critical, CA:TRUE, pathlen:0
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+EOF
+
+# The CA. A new CA invalidates every certificate it did not sign: re-issue them all.
+reissue=$force
+if need ca.crt ca.key; then
+  new_key "$tmp/ca.key"
+  openssl req -x509 -new -key "$tmp/ca.key" -sha256 -days "$days" \
+    -subj "/O=MiniCache/CN=MiniCache throwaway CA" -config "$tmp/req.cnf" \
+    -extensions v3_ca -set_serial "$(serial)" -out "$tmp/ca.crt"
+  install -m 0600 "$tmp/ca.key" "$out/ca.key"
+  install -m 0644 "$tmp/ca.crt" "$out/ca.crt"
+  log "wrote ca.crt, ca.key"
+  reissue=1
+fi
+
+# Cache servers: compose names, the Kubernetes service (headless: one name per pod), its
+# pods by name and by wildcard, and loopback for the in-container probe.
+service="minicache-cache-server"
+server_names=(localhost cache-server-0 cache-server-1 cache-server-2 "$service")
+for suffix in "" ".$namespace" ".$namespace.svc" ".$namespace.svc.cluster.local"; do
+  [ -n "$suffix" ] && server_names+=("$service$suffix")
+  server_names+=("*.$service$suffix")
+  for ((i = 0; i < replicas; i++)); do
+    server_names+=("$service-$i.$service$suffix")
+  done
+done
+redis_names=(localhost redis minicache-redis)
+for suffix in ".$namespace" ".$namespace.svc" ".$namespace.svc.cluster.local"; do
+  redis_names+=("minicache-redis$suffix")
+done
+
+leaf_ext() {  # leaf_ext EKU SAN
+  printf 'basicConstraints = critical, CA:FALSE\nkeyUsage = critical, digitalSignature, keyEncipherment\nextendedKeyUsage = %s\nsubjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid\n%s' "$1" "${2:+subjectAltName = $2}"
+}
+
+if [ "$reissue" -eq 1 ] || need server.crt server.key; then
+  sign server "$service" "$(leaf_ext "serverAuth, clientAuth" "$(dns_list "${server_names[@]}"),IP:127.0.0.1")"
+else
+  log "kept server.crt (--force regenerates it, e.g. after changing --namespace or --replicas)"
+fi
+if [ "$reissue" -eq 1 ] || need client.crt client.key; then
+  sign client "minicache-client" "$(leaf_ext "clientAuth" "")"
+else
+  log "kept client.crt"
+fi
+if [ "$reissue" -eq 1 ] || need redis.crt redis.key; then
+  sign redis "minicache-redis" "$(leaf_ext "serverAuth" "$(dns_list "${redis_names[@]}"),IP:127.0.0.1")"
+else
+  log "kept redis.crt"
+fi
+
+# Bearer tokens of two tenants (the server requires >= 16 characters; these have 32).
+if need tokens; then
+  {
+    echo "# <token> <tenant>: MINICACHE_TOKENS_FILE. Throwaway development tokens."
+    echo "$(openssl rand -hex 16) tenant-a"
+    echo "$(openssl rand -hex 16) tenant-b"
+  } >"$tmp/tokens"
+  install -m 0644 "$tmp/tokens" "$out/tokens"
+  log "wrote tokens (tenant-a, tenant-b)"
+else
+  log "kept tokens"
+fi
+
+if need redis-password; then
+  openssl rand -hex 24 >"$tmp/redis-password"
+  install -m 0644 "$tmp/redis-password" "$out/redis-password"
+  log "wrote redis-password"
+else
+  log "kept redis-password"
+fi
+# Derived from the password every time (same content when the password is unchanged).
+# Redis stores only the SHA-256; the server's user may not run admin commands.
+password_sha256="$(tr -d '\n' <"$out/redis-password" | openssl dgst -sha256 | sed 's/.*= *//')"
+cat >"$tmp/redis-users.acl" <<EOF
+user default off
+user minicache on #$password_sha256 ~minicache* &* +@all -@admin
+EOF
+install -m 0644 "$tmp/redis-users.acl" "$out/redis-users.acl"
+
+openssl verify -CAfile "$out/ca.crt" "$out/server.crt" "$out/client.crt" "$out/redis.crt" >/dev/null
+log "all certificates verify against ca.crt; files are in $out (keep them out of git)"
