@@ -59,6 +59,9 @@ from minicache_server.tiers.redis_tier import OverflowUnavailableError, RedisTie
 log = logging.getLogger(__name__)
 
 MAX_ID_BYTES = 256
+# Used when the default policy is calibrated for another model's layers: KIVI 4-bit
+# keys and values, +0.2% perplexity at 3.08x on the bundled model (docs/results.md).
+FALLBACK_POLICY = "kivi4"
 _ID = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no spaces
 
 
@@ -237,6 +240,7 @@ class SequenceStore:
         self.sequences: dict[tuple[str, str, str], StoredSequence] = {}
         self._generation = 0
         self._admission = asyncio.Lock()
+        self._fallback_logged: set[int] = set()
         metrics.device_budget_bytes.set(device_tier.budget_bytes)
 
     @property
@@ -248,10 +252,13 @@ class SequenceStore:
 
     def resolve_policy(self, name_or_json: str, num_layers: int) -> CompressionPolicy:
         """A client's policy: a preset name or policy JSON (never a server-side path).
-        Empty means the server's default, which the operator may give as a file path."""
+
+        Empty means the server's default (the operator may give it as a file path). A
+        calibrated default names the layers of its model; for a model it does not fit,
+        the model-agnostic `FALLBACK_POLICY` is used instead (Lookup shows which)."""
         try:
             if not name_or_json:
-                policy = load_policy(self.default_policy)
+                policy = self.default_policy_for(num_layers)
             elif name_or_json.lstrip().startswith("{"):
                 policy = CompressionPolicy.from_json(name_or_json)
             elif name_or_json in PRESETS:
@@ -264,6 +271,24 @@ class SequenceStore:
             policy.resolve_layer_groups(num_layers)
         except (ValueError, TypeError, KeyError) as exc:
             raise InvalidArgumentError(f"policy: {exc}") from None
+        return policy
+
+    def default_policy_for(self, num_layers: int) -> CompressionPolicy:
+        policy = load_policy(self.default_policy)
+        try:
+            policy.resolve_layer_groups(num_layers)
+        except ValueError as exc:
+            if num_layers not in self._fallback_logged:
+                self._fallback_logged.add(num_layers)
+                log.info(
+                    "default policy does not fit this model; using the fallback",
+                    extra={
+                        "num_layers": num_layers,
+                        "fallback": FALLBACK_POLICY,
+                        "reason": str(exc),
+                    },
+                )
+            return PRESETS[FALLBACK_POLICY]
         return policy
 
     def begin_put(self, tenant: str, header: pb.SequenceHeader) -> PutSession:
@@ -362,9 +387,10 @@ class SequenceStore:
             sequence.overflow_bytes[key.group] = len(data)
             self.metrics.evictions.inc()
         if self.device.free_bytes() < free_needed:
-            raise ResourceExhaustedError(
+            # Transient: the room frees up as those requests finish, so a retry can help.
+            raise UnavailableError(
                 f"device tier budget of {self.device.budget_bytes} bytes cannot make room for "
-                f"{free_needed} bytes: the rest is in use by requests in progress"
+                f"{free_needed} bytes now: the rest is held by requests in progress"
             )
 
     async def _delete_overflow(self, keys: list[EntryKey]) -> None:

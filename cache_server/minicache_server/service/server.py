@@ -19,6 +19,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from minicache_client.policy import load_policy
 from minicache_client.proto import cache_service_pb2 as pb
 from minicache_client.proto import cache_service_pb2_grpc as pb_grpc
 from minicache_server.metrics import CacheMetrics, serve_metrics
@@ -120,7 +121,10 @@ async def start_server(settings: ServerSettings) -> CacheServer:
         tenant_quota_bytes=settings.tenant_quota_bytes,
     )
     store = SequenceStore(device_tier, overflow, metrics, limits, settings.default_policy)
-    store.resolve_policy("", 64)  # a bad default policy stops start-up, not the first put
+    try:  # a bad default policy stops start-up, not the first put
+        load_policy(settings.default_policy)
+    except ValueError as exc:
+        raise SettingsError(f"MINICACHE_DEFAULT_POLICY: {exc}") from None
     auth = TokenAuth(settings.token_tenants())
     server = grpc.aio.server(
         interceptors=[AuthInterceptor(auth)],
