@@ -57,6 +57,7 @@ class LookupResult:
     device_groups: int
     overflow_groups: int
     fp16_bytes: int
+    policy: str = ""  # the sequence's compression policy, as JSON
 
     @property
     def stored_bytes(self) -> int:
@@ -80,6 +81,7 @@ class LookupResult:
             device_groups=response.device_groups,
             overflow_groups=response.overflow_groups,
             fp16_bytes=response.fp16_bytes,
+            policy=header.policy,
         )
 
 

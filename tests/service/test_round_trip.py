@@ -157,3 +157,11 @@ def test_delete_then_miss(client) -> None:
         client.lookup("m", "deleted")
     with pytest.raises(NotFoundError):
         list(client.prefetch("m", "deleted"))
+
+
+def test_default_policy_falls_back_for_other_models(client) -> None:
+    """The shipped default is calibrated for the bundled model's 30 layers."""
+    client.put("m8", "fallback", kv_layers(8, 40, HEADS, DIM), dtype="float16")
+    assert '"name": "kivi4"' in client.lookup("m8", "fallback").policy
+    client.put("m", "calibrated", kv_layers(LAYERS, 40, HEADS, DIM), dtype="float16")
+    assert '"name": "default"' in client.lookup("m", "calibrated").policy
