@@ -50,6 +50,9 @@ class ServerSettings:
     # gRPC and metrics endpoints ("host:port"; metrics_listen "" disables metrics).
     listen: str = "127.0.0.1:50051"
     metrics_listen: str = "127.0.0.1:9464"
+    # Plaintext grpc.health.v1 only, for probes that cannot speak TLS (Kubernetes'
+    # native gRPC probe); "" disables it. It serves nothing else.
+    health_listen: str = ""
     # Security. Without TLS or without tokens the server only starts with insecure=1.
     tls_cert: str = ""
     tls_key: str = ""

@@ -107,3 +107,21 @@ def test_serves_health_metrics_and_drains_on_sigterm() -> None:
     assert "shutting down" in messages and "stopped" in messages
     listening = next(r for r in records if r["message"] == "cache server listening")
     assert listening["port"] == port and listening["tls"] is False
+
+
+def test_plaintext_health_port_serves_health_only(make_server, certificates) -> None:
+    """For Kubernetes' native gRPC probe, which cannot speak TLS."""
+    server = make_server(
+        tls_cert=str(certificates["server.pem"]),
+        tls_key=str(certificates["server.key"]),
+        tokens="a-token-of-sixteen-chars=tenant-a",
+        insecure=False,
+        health_listen="127.0.0.1:0",
+    )
+    health_address = f"127.0.0.1:{server.server.health_port}"
+    assert _health(health_address) == "SERVING"
+    with grpc.insecure_channel(health_address) as channel, pytest.raises(grpc.RpcError) as refused:
+        pb_grpc.CacheServiceStub(channel).Stats(pb.StatsRequest(), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    with pytest.raises(grpc.RpcError):  # the TLS port stays TLS-only
+        _health(server.address)

@@ -70,6 +70,8 @@ class CacheServer:
     metrics: CacheMetrics
     metrics_http: ThreadingHTTPServer | None
     settings: ServerSettings
+    health_server: grpc.aio.Server | None = None
+    health_port: int | None = None
 
     @property
     def metrics_port(self) -> int | None:
@@ -78,6 +80,8 @@ class CacheServer:
     async def stop(self, grace_s: float | None = None) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.grace_s if grace_s is None else grace_s)
+        if self.health_server is not None:  # probes see NOT_SERVING until the drain ends
+            await self.health_server.stop(0)
         if self.metrics_http is not None:
             self.metrics_http.shutdown()
             self.metrics_http.server_close()
@@ -147,6 +151,14 @@ async def start_server(settings: ServerSettings) -> CacheServer:
         port = server.add_secure_port(settings.listen, credentials)
     if port == 0:
         raise SettingsError(f"MINICACHE_LISTEN: cannot bind {settings.listen}")
+    health_server, health_port = None, None
+    if settings.health_listen:
+        health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_port = health_server.add_insecure_port(settings.health_listen)
+        if health_port == 0:
+            raise SettingsError(f"MINICACHE_HEALTH_LISTEN: cannot bind {settings.health_listen}")
+        await health_server.start()
     metrics_http = None
     if settings.metrics_listen:
         host, metrics_port = _split_address(settings.metrics_listen)
@@ -173,6 +185,17 @@ async def start_server(settings: ServerSettings) -> CacheServer:
             "device_budget_bytes": device_tier.budget_bytes,
             "overflow": overflow.url_for_logs if overflow else None,
             "metrics_port": metrics_http.server_port if metrics_http else None,
+            "health_port": health_port,
         },
     )
-    return CacheServer(server, port, store, health_servicer, metrics, metrics_http, settings)
+    return CacheServer(
+        server,
+        port,
+        store,
+        health_servicer,
+        metrics,
+        metrics_http,
+        settings,
+        health_server,
+        health_port,
+    )
