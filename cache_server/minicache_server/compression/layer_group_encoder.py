@@ -38,14 +38,25 @@ def _concat(xp: Any, first: Any, second: Any, axis: int) -> Any:
     return xp.concatenate([first, second], axis=axis)
 
 
+# Exponent bits of each carrier: all set means Inf or NaN.
+_EXPONENT_MASKS = {
+    "float16": (0x7C00, "uint16"),
+    "bfloat16": (0x7F80, "uint16"),
+    "float32": (0x7F800000, "uint32"),
+}
+
+
 def check_finite(array: Any, dtype: str, what: str) -> None:
-    """Raise ValueError when a KV tensor holds NaN or Inf."""
+    """Raise ValueError when a KV tensor holds NaN or Inf.
+
+    Tests the exponent bits of the carrier, one masked max over the tensor: several
+    times faster than isfinite on float16, and this runs on every byte a put brings."""
+    if array.size == 0:
+        return
     xp = array_namespace(array)
-    if dtype == "bfloat16":
-        bad = bool(((array & 0x7F80) == 0x7F80).any())
-    else:
-        bad = not bool(xp.isfinite(array).all())
-    if bad:
+    mask, carrier = _EXPONENT_MASKS[dtype]
+    bits = xp.ascontiguousarray(array).view(getattr(xp, carrier))
+    if int((bits & mask).max()) == mask:
         raise ValueError(f"{what} contains NaN or Inf values")
 
 
