@@ -46,7 +46,7 @@ from minicache_client.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from minicache_client.policy import PRESETS, CompressionPolicy, LayerGroup, load_policy
+from minicache_client.policy import PRESETS, CompressionPolicy, LayerGroup
 from minicache_client.proto import cache_service_pb2 as pb
 from minicache_client.restore import restore_layer
 from minicache_client.wire import DTYPE_TO_WIRE, LayerAssembler, dtype_from_wire, layer_chunks
@@ -90,13 +90,18 @@ class StoredSequence:
     policy: CompressionPolicy
     groups: tuple[LayerGroup, ...]
     tokens: int = 0
-    # Per group: bytes in the device tier, or in Redis (its encoding's length).
+    # Overflowed groups: group index -> bytes of its encoding in Redis.
     overflow_bytes: dict[int, int] = field(default_factory=dict)
     fp16_bytes: int = 0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
+    @property
+    def name(self) -> tuple[str, str, str]:
+        """The sequence's key in `SequenceStore.sequences` (and an `EntryKey`'s first three)."""
+        return (self.tenant, self.model_id, self.sequence_id)
+
     def key(self, group: int) -> EntryKey:
-        return EntryKey(self.tenant, self.model_id, self.sequence_id, self.generation, group)
+        return EntryKey(*self.name, self.generation, group)
 
     def group_of(self, layer: int) -> int:
         for index, group in enumerate(self.groups):
@@ -230,7 +235,7 @@ class SequenceStore:
         overflow: RedisTier | None,
         metrics: CacheMetrics,
         limits: Limits,
-        default_policy: str = "default",
+        default_policy: CompressionPolicy = PRESETS["default"],
     ) -> None:
         self.device = device_tier
         self.overflow = overflow
@@ -274,7 +279,7 @@ class SequenceStore:
         return policy
 
     def default_policy_for(self, num_layers: int) -> CompressionPolicy:
-        policy = load_policy(self.default_policy)
+        policy = self.default_policy
         try:
             policy.resolve_layer_groups(num_layers)
         except ValueError as exc:
@@ -476,11 +481,8 @@ class SequenceStore:
 
     async def _drop(self, sequence: StoredSequence) -> None:
         """Forget a sequence and free its entries in both tiers."""
-        if (
-            self.sequences.get((sequence.tenant, sequence.model_id, sequence.sequence_id))
-            is sequence
-        ):
-            del self.sequences[(sequence.tenant, sequence.model_id, sequence.sequence_id)]
+        if self.sequences.get(sequence.name) is sequence:
+            del self.sequences[sequence.name]
         for index in range(len(sequence.groups)):
             self.device.pop(sequence.key(index))
         await self._delete_overflow([sequence.key(index) for index in sequence.overflow_bytes])
@@ -506,7 +508,7 @@ class SequenceStore:
             head_dim=dim,
             dtype=session.dtype,
             policy=session.policy,
-            groups=tuple(encoder.group for encoder in encoder.encoders),
+            groups=tuple(group_encoder.group for group_encoder in encoder.encoders),
             tokens=session.end,
             fp16_bytes=sum(fp16_bytes(entry) for entry in entries.values()),
         )
@@ -515,10 +517,8 @@ class SequenceStore:
         )
         async with sequence.lock:
             await self._admit(sequence, entries)
-            replaced = self.sequences.get(
-                (sequence.tenant, sequence.model_id, sequence.sequence_id)
-            )
-            self.sequences[(sequence.tenant, sequence.model_id, sequence.sequence_id)] = sequence
+            replaced = self.sequences.get(sequence.name)
+            self.sequences[sequence.name] = sequence
             if replaced is not None:
                 await self._drop(replaced)
         self._update_gauges()
@@ -529,7 +529,7 @@ class SequenceStore:
         for the new tokens is made first, so applying them cannot fail half-way."""
         sequence = session.existing
         async with sequence.lock:
-            if self.sequences.get(sequence_key(sequence)) is not sequence or (
+            if self.sequences.get(sequence.name) is not sequence or (
                 sequence.tokens != session.start
             ):
                 raise FailedPreconditionError(
@@ -615,7 +615,7 @@ class SequenceStore:
             if compressed and group in sent_groups:
                 continue
             async with sequence.lock:
-                if self.sequences.get(sequence_key(sequence)) is not sequence:
+                if self.sequences.get(sequence.name) is not sequence:
                     self.metrics.misses.inc(reason="deleted_during_prefetch")
                     raise NotFoundError("the sequence was deleted or replaced during the prefetch")
                 entry = await self._entry(sequence, group)
@@ -692,7 +692,3 @@ class SequenceStore:
         return pb.PutResponse(
             tokens=sequence.tokens, stored_bytes=device + overflow, fp16_bytes=sequence.fp16_bytes
         )
-
-
-def sequence_key(sequence: StoredSequence) -> tuple[str, str, str]:
-    return (sequence.tenant, sequence.model_id, sequence.sequence_id)

@@ -124,11 +124,11 @@ async def start_server(settings: ServerSettings) -> CacheServer:
         max_layers=settings.max_layers,
         tenant_quota_bytes=settings.tenant_quota_bytes,
     )
-    store = SequenceStore(device_tier, overflow, metrics, limits, settings.default_policy)
     try:  # a bad default policy stops start-up, not the first put
-        load_policy(settings.default_policy)
+        default_policy = load_policy(settings.default_policy)
     except ValueError as exc:
         raise SettingsError(f"MINICACHE_DEFAULT_POLICY: {exc}") from None
+    store = SequenceStore(device_tier, overflow, metrics, limits, default_policy)
     auth = TokenAuth(settings.token_tenants())
     server = grpc.aio.server(
         interceptors=[AuthInterceptor(auth)],
