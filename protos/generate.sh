@@ -11,4 +11,4 @@ mkdir -p "$out/minicache_client/proto"
 "$python" -m grpc_tools.protoc \
   -I minicache_client/proto=protos/minicache/v1 \
   --python_out="$out" --pyi_out="$out" --grpc_python_out="$out" \
-  minicache_client/proto/cache_service.proto
+  minicache_client/proto/cache_service.proto minicache_client/proto/worker_service.proto

@@ -7,7 +7,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-GENERATED = ("cache_service_pb2.py", "cache_service_pb2.pyi", "cache_service_pb2_grpc.py")
+GENERATED = tuple(
+    f"{service}{suffix}"
+    for service in ("cache_service", "worker_service")
+    for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+)
 
 
 def test_committed_stubs_match_protos(tmp_path: Path) -> None:

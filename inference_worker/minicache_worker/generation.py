@@ -1,0 +1,329 @@
+"""One turn of a session: restore the history's KV from the cache service, prefill the
+new tokens, generate greedily, and store every computed token's KV back.
+
+`TurnGenerator.generate(request)` yields the generated token ids as they are chosen,
+then one `TurnSummary`. The history's KV comes from the cache service when it holds a
+prefix of the history; otherwise (a miss, a dead server, a failed checksum, a cached
+sequence longer than the history) the worker recomputes it, logs why and counts it,
+and the tokens are the same as with a fresh cache. Without a cache client at all the
+worker generates with a plain local cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from minicache_client import (
+    CacheClient,
+    CacheError,
+    CorruptDataError,
+    NotFoundError,
+)
+from minicache_worker.models import LoadedModel
+from minicache_worker.service_cache import (
+    HistoryUnavailable,
+    LayerFeed,
+    SequenceWriter,
+    ServiceCache,
+)
+from minicache_worker.worker_metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+TORCH_KV_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+class Residency(str, Enum):
+    """Where a turn's KV lives while it generates."""
+
+    LOCAL = "local"  # in the worker during the turn; the service holds the durable copy
+    REMOTE = "remote"  # in the service only: every decode step prefetches the history
+
+
+class RecomputeReason(str, Enum):
+    NONE = ""
+    MISS = "miss"  # the service does not hold the session
+    UNAVAILABLE = "unavailable"  # the service did not answer (down, deadline, refused)
+    CORRUPT = "corrupt"  # a stored entry failed its checksum
+    MISMATCH = "mismatch"  # the service holds more tokens than the history has
+
+
+@dataclass(frozen=True)
+class TurnRequest:
+    """`history_tokens`: every token of the session so far; `new_tokens`: the tokens of
+    this turn's input (at least one token in all)."""
+
+    session_id: str
+    history_tokens: Sequence[int]
+    new_tokens: Sequence[int]
+    max_new_tokens: int
+    policy: str = ""
+    residency: Residency = Residency.LOCAL
+
+    @property
+    def input_tokens(self) -> list[int]:
+        return [*self.history_tokens, *self.new_tokens]
+
+
+@dataclass
+class TurnSummary:
+    turn_tokens: list[int]  # new_tokens + generated: append to history for the next turn
+    cached_tokens: int = 0
+    prefilled_tokens: int = 0
+    generated_tokens: int = 0
+    time_to_first_token_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    recompute_reason: RecomputeReason = RecomputeReason.NONE
+    stored: bool = False
+    residency: Residency = Residency.LOCAL
+    stored_tokens: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def recompute_reason(error: BaseException) -> RecomputeReason:
+    if isinstance(error, HistoryUnavailable):
+        error = error.cause
+    if isinstance(error, NotFoundError):
+        return RecomputeReason.MISS
+    if isinstance(error, CorruptDataError):
+        return RecomputeReason.CORRUPT
+    return RecomputeReason.UNAVAILABLE
+
+
+class TurnGenerator:
+    """Generates turns of sessions with one model; one turn at a time per instance.
+
+    `client` None: no cache service (plain local generation). `kv_dtype`: the dtype KV
+    travels in (default: the model's, so policy `none` is lossless).
+    """
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        client: CacheClient | None,
+        *,
+        model_id: str | None = None,
+        kv_dtype: str | None = None,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
+        self.lm = lm
+        self.client = client
+        self.model_id = model_id or lm.name
+        self.torch_dtype = lm.model.dtype
+        self.kv_dtype = kv_dtype or TORCH_KV_DTYPES[self.torch_dtype]
+        self.metrics = metrics or WorkerMetrics()
+        self.max_positions = getattr(
+            lm.model.config.get_text_config(decoder=True), "max_position_embeddings", None
+        )
+        eos = lm.model.generation_config.eos_token_id
+        self.stop_tokens = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+    # -- the turn ---------------------------------------------------------------------
+
+    def generate(self, request: TurnRequest) -> Iterator[int | TurnSummary]:
+        """Token ids as they are generated, then the turn's `TurnSummary`."""
+        tokens = request.input_tokens
+        self._check(request, tokens)
+        started = time.perf_counter()
+        summary = TurnSummary(turn_tokens=list(request.new_tokens), residency=request.residency)
+        held = self._held_tokens(request, len(tokens), summary)
+        writer = self._writer(request)
+        try:
+            cache, logits = self._prefill(request, tokens, held, writer, summary)
+            summary.time_to_first_token_s = time.perf_counter() - started
+            self.metrics.time_to_first_token.observe(
+                summary.time_to_first_token_s, resumed=str(summary.cached_tokens > 0).lower()
+            )
+            decode_started = time.perf_counter()
+            position = len(tokens)
+            for step in range(request.max_new_tokens):
+                token = int(logits[0, -1].argmax())
+                summary.turn_tokens.append(token)
+                summary.generated_tokens += 1
+                yield token
+                if token in self.stop_tokens or step == request.max_new_tokens - 1:
+                    break
+                cache, logits = self._decode_step(request, cache, token, position, writer, summary)
+                position += 1
+            if summary.generated_tokens > 1:
+                summary.decode_tokens_per_s = (summary.generated_tokens - 1) / (
+                    time.perf_counter() - decode_started
+                )
+            cache.close()
+        finally:
+            # Every input token and every generated token but the last went through the
+            # model; the next turn starts by computing that last one.
+            self._finish_writer(writer, summary, len(tokens) + summary.generated_tokens - 1)
+        self.metrics.turns.inc(residency=request.residency.value)
+        self.metrics.prefilled_tokens.inc(summary.prefilled_tokens)
+        self.metrics.generated_tokens.inc(summary.generated_tokens)
+        yield summary
+
+    def _check(self, request: TurnRequest, tokens: list[int]) -> None:
+        if not request.new_tokens and not request.history_tokens:
+            raise ValueError("a turn needs at least one input token")
+        if request.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
+        vocab = self.lm.model.config.get_text_config(decoder=True).vocab_size
+        bad = next((t for t in tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+        if self.max_positions and len(tokens) + request.max_new_tokens > self.max_positions:
+            raise ValueError(
+                f"{len(tokens)} input tokens + max_new_tokens {request.max_new_tokens} exceed "
+                f"the model's context of {self.max_positions} tokens"
+            )
+
+    def _held_tokens(self, request: TurnRequest, total: int, summary: TurnSummary) -> int:
+        """How many leading tokens of the input the service can give back (0: none)."""
+        if self.client is None or not request.history_tokens:
+            return 0  # a first turn has no history to restore (it replaces a stale one)
+        try:
+            held = self.client.lookup(self.model_id, request.session_id).tokens
+        except CacheError as exc:
+            self._recompute(summary, recompute_reason(exc), exc)
+            return 0
+        if held >= total:
+            # The last input token must run through the model for its logits; a cached
+            # sequence this long is not this history's.
+            self._recompute(
+                summary,
+                RecomputeReason.MISMATCH,
+                f"the service holds {held} tokens, the input has {total}",
+            )
+            return 0
+        return held
+
+    def _recompute(self, summary: TurnSummary, reason: RecomputeReason, cause: object) -> None:
+        if reason is not RecomputeReason.MISS:
+            log.warning("recomputing the history (%s): %s", reason.value, cause)
+            summary.errors.append(f"{reason.value}: {cause}")
+        summary.recompute_reason = reason
+        self.metrics.recomputes.inc(reason=reason.value)
+
+    def _writer(self, request: TurnRequest) -> SequenceWriter | None:
+        if self.client is None:
+            return None
+        return SequenceWriter(
+            self.client,
+            self.model_id,
+            request.session_id,
+            num_layers=self.lm.num_layers,
+            kv_heads=self.lm.kv_heads,
+            head_dim=self.lm.head_dim,
+            dtype=self.kv_dtype,
+            policy=request.policy,
+        )
+
+    def _feed(self, session_id: str, end_token: int) -> LayerFeed:
+        return LayerFeed(
+            self.client,
+            self.model_id,
+            session_id,
+            end_token=end_token,
+            dtype=self.kv_dtype,
+            torch_dtype=self.torch_dtype,
+        )
+
+    def _forward(self, cache, input_tokens: Sequence[int]) -> torch.Tensor:
+        input_ids = torch.tensor([list(input_tokens)], dtype=torch.long)
+        with torch.inference_mode():
+            return self.lm.model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits
+
+    def _prefill(
+        self,
+        request: TurnRequest,
+        tokens: list[int],
+        held: int,
+        writer: SequenceWriter | None,
+        summary: TurnSummary,
+    ) -> tuple[ServiceCache | DynamicCache, torch.Tensor]:
+        """Run tokens[held:] over the restored history; recompute all on failure."""
+        if held:
+            cache = ServiceCache(self.lm.num_layers, self._feed(request.session_id, held), writer)
+            writer.start_put(held, len(tokens) - held)
+            try:
+                logits = self._forward(cache, tokens[held:])
+            except HistoryUnavailable as exc:
+                cache.close()
+                writer.abort_put()
+                self._recompute(summary, recompute_reason(exc), exc)
+                held = 0
+            else:
+                writer.end_put()
+                summary.cached_tokens = held
+                summary.prefilled_tokens = len(tokens) - held
+                self.metrics.resumed_turns.inc()
+                return cache, logits
+        cache = ServiceCache(self.lm.num_layers, None, writer) if writer else DynamicCache()
+        if writer is not None:
+            writer.start_put(0, len(tokens))
+        logits = self._forward(cache, tokens)
+        if writer is not None:
+            writer.end_put()
+        summary.prefilled_tokens = len(tokens)
+        return cache, logits
+
+    def _decode_step(
+        self,
+        request: TurnRequest,
+        cache: ServiceCache | DynamicCache,
+        token: int,
+        position: int,
+        writer: SequenceWriter | None,
+        summary: TurnSummary,
+    ) -> tuple[ServiceCache | DynamicCache, torch.Tensor]:
+        """One decode step of `token` at `position`. Remote residency reads the history
+        back first; if it cannot, the history is recomputed and the turn goes on with a
+        local cache that the service no longer follows."""
+        if (
+            request.residency is Residency.REMOTE
+            and isinstance(cache, ServiceCache)
+            and writer is not None
+        ):
+            failure = writer.flush()
+            if failure is None:
+                cache.reload(self._feed(request.session_id, position))
+                try:
+                    logits = self._forward(cache, [token])
+                except HistoryUnavailable as exc:
+                    self._recompute(summary, recompute_reason(exc), exc)
+                else:
+                    writer.end_step(position)
+                    return cache, logits
+            else:
+                self._recompute(summary, recompute_reason(failure), failure)
+            return self._recompute_locally(request, token, position, summary)
+        logits = self._forward(cache, [token])
+        if writer is not None and isinstance(cache, ServiceCache):
+            writer.end_step(position)
+        return cache, logits
+
+    def _recompute_locally(
+        self, request: TurnRequest, token: int, position: int, summary: TurnSummary
+    ) -> tuple[DynamicCache, torch.Tensor]:
+        tokens = [*request.input_tokens, *summary.turn_tokens[len(request.new_tokens) :]]
+        cache = DynamicCache()
+        self._forward(cache, tokens[:position])
+        summary.prefilled_tokens += position
+        return cache, self._forward(cache, [token])
+
+    def _finish_writer(
+        self, writer: SequenceWriter | None, summary: TurnSummary, computed_tokens: int
+    ) -> None:
+        if writer is None:
+            return
+        failure = writer.flush()
+        writer.close()
+        summary.stored_tokens = writer.held_tokens or 0
+        summary.stored = summary.stored_tokens == computed_tokens
+        if failure is not None:
+            self.metrics.store_failures.inc()
+            summary.errors.append(f"store: {failure}")

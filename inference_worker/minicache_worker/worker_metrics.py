@@ -1,0 +1,43 @@
+"""Prometheus metrics of the inference worker (same registry and text format as the
+cache server's): turns, resumed turns, recomputes by reason, failed stores, tokens,
+time to first token."""
+
+from __future__ import annotations
+
+from minicache_server.metrics import Counter, Histogram, _Metric
+
+TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        self.turns = Counter("minicache_worker_turns_total", "Turns generated", ("residency",))
+        self.resumed_turns = Counter(
+            "minicache_worker_resumed_turns_total",
+            "Turns whose history KV came from the cache service",
+        )
+        self.recomputes = Counter(
+            "minicache_worker_recomputes_total",
+            "Turns whose history was recomputed instead of restored, by reason",
+            ("reason",),
+        )
+        self.store_failures = Counter(
+            "minicache_worker_store_failures_total",
+            "Turns whose KV the cache service did not take in full",
+        )
+        self.prefilled_tokens = Counter(
+            "minicache_worker_prefilled_tokens_total", "Tokens run through prefills"
+        )
+        self.generated_tokens = Counter(
+            "minicache_worker_generated_tokens_total", "Tokens generated"
+        )
+        self.time_to_first_token = Histogram(
+            "minicache_worker_time_to_first_token_seconds",
+            "From a turn's start to its first token, by whether its history was restored",
+            ("resumed",),
+            buckets=TTFT_BUCKETS_S,
+        )
+        self.all = [value for value in vars(self).values() if isinstance(value, _Metric)]
+
+    def render(self) -> str:
+        return "\n".join(line for metric in self.all for line in metric.render()) + "\n"
