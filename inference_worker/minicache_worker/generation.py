@@ -156,7 +156,8 @@ class TurnGenerator:
                 summary.decode_tokens_per_s = (summary.generated_tokens - 1) / (
                     time.perf_counter() - decode_started
                 )
-            cache.close()
+            if isinstance(cache, ServiceCache):
+                cache.close()
         finally:
             # Every input token and every generated token but the last went through the
             # model; the next turn starts by computing that last one.

@@ -1,5 +1,6 @@
-"""Fixtures of the service tests: real cache servers on loopback, a real redis-server,
-throwaway TLS certificates. Every server a fixture starts is stopped at teardown."""
+"""Fixtures of the service tests: real cache servers on loopback, throwaway TLS
+certificates (`redis_process` is in tests/conftest.py). Every server a fixture starts
+is stopped at teardown."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from service_fixtures import RedisProcess, ServerThread, make_certificates, settings_for
+from service_fixtures import ServerThread, make_certificates, settings_for
 
 
 @pytest.fixture(scope="module")
@@ -38,21 +39,6 @@ def make_server() -> Iterator[Callable[..., ServerThread]]:
     finally:
         for running in reversed(started):
             running.stop()
-
-
-@pytest.fixture
-def redis_process(tmp_path: Path) -> Iterator[RedisProcess]:
-    """A started redis-server without persistence, on a free port, killed at teardown."""
-    if shutil.which("redis-server") is None:
-        pytest.fail(
-            "redis-server is not installed: run deploy/local/setup.sh (or apt-get install "
-            "redis-server); CI installs it, so these tests are never skipped"
-        )
-    process = RedisProcess(tmp_path).start()
-    try:
-        yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture(scope="session")
