@@ -28,7 +28,7 @@ from minicache_client import (
 )
 from minicache_worker.models import LoadedModel
 from minicache_worker.service_cache import (
-    HistoryUnavailable,
+    HistoryUnavailableError,
     LayerFeed,
     SequenceWriter,
     ServiceCache,
@@ -88,7 +88,7 @@ class TurnSummary:
 
 
 def recompute_reason(error: BaseException) -> RecomputeReason:
-    if isinstance(error, HistoryUnavailable):
+    if isinstance(error, HistoryUnavailableError):
         error = error.cause
     if isinstance(error, NotFoundError):
         return RecomputeReason.MISS
@@ -252,7 +252,7 @@ class TurnGenerator:
             writer.start_put(held, len(tokens) - held)
             try:
                 logits = self._forward(cache, tokens[held:])
-            except HistoryUnavailable as exc:
+            except HistoryUnavailableError as exc:
                 cache.close()
                 writer.abort_put()
                 self._recompute(summary, recompute_reason(exc), exc)
@@ -294,7 +294,7 @@ class TurnGenerator:
                 cache.reload(self._feed(request.session_id, position))
                 try:
                     logits = self._forward(cache, [token])
-                except HistoryUnavailable as exc:
+                except HistoryUnavailableError as exc:
                     self._recompute(summary, recompute_reason(exc), exc)
                 else:
                     writer.end_step(position)

@@ -13,7 +13,7 @@ One `ServiceCache` serves one forward pass or a run of them (a turn) of one sequ
   (remote residency).
 
 A history that cannot be read (a miss, a dead server, a failed checksum) raises
-`HistoryUnavailable` out of the forward pass; the caller recomputes. A failed write
+`HistoryUnavailableError` out of the forward pass; the caller recomputes. A failed write
 only stops the writer: the model's tokens are unaffected, and the failure is reported
 by `SequenceWriter.flush`.
 """
@@ -35,7 +35,7 @@ from minicache_client.tensors import to_torch
 log = logging.getLogger(__name__)
 
 
-class HistoryUnavailable(Exception):
+class HistoryUnavailableError(Exception):
     """The cache service could not give back a layer of the history; `cause` says why."""
 
     def __init__(self, layer: int, cause: BaseException) -> None:
@@ -104,7 +104,7 @@ class LayerFeed:
             if layer in self._layers:
                 return self._layers.pop(layer)
             cause = self._error or CacheError(f"the prefetch ended without layer {layer}")
-        raise HistoryUnavailable(layer, cause)
+        raise HistoryUnavailableError(layer, cause)
 
     def close(self) -> None:
         """Stop reading after the layer in flight (the call's deadline bounds it)."""
