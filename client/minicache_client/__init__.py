@@ -26,6 +26,12 @@ from minicache_client.errors import (
 )
 from minicache_client.results import LookupResult, PutResult, StatsResult
 from minicache_client.sharding import ShardedCacheClient
+from minicache_client.worker_client import (
+    Conversation,
+    GeneratedToken,
+    TurnResult,
+    WorkerClient,
+)
 
 __version__ = "0.1.0"
 
@@ -35,9 +41,11 @@ __all__ = [
     "CacheClient",
     "CacheError",
     "ClientConfig",
+    "Conversation",
     "CorruptDataError",
     "DeadlineExceededError",
     "FailedPreconditionError",
+    "GeneratedToken",
     "InvalidArgumentError",
     "LookupResult",
     "NotFoundError",
@@ -48,6 +56,8 @@ __all__ = [
     "ResourceExhaustedError",
     "ShardedCacheClient",
     "StatsResult",
+    "TurnResult",
     "UnauthenticatedError",
     "UnavailableError",
+    "WorkerClient",
 ]

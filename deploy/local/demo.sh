@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
-# Command 1 of the README: sets everything up, then runs the main job on the bundled
-# model (SmolLM2-135M): the accuracy evaluation of the calibrated `default` policy and of
-# the paper's exact settings, each against the full fp16 cache measured in the same run.
-# Results land in results/ (JSON and a ratio-vs-perplexity plot). About 10 minutes on
-# two CPU cores. Extra arguments go to `minicache-worker eval` (e.g. --policy all).
+# Command 1 of the README: sets everything up, then runs the end-to-end demo on the
+# bundled model (SmolLM2-135M): it starts Redis, a cache server and an inference worker
+# on loopback, replays real multi-turn ShareGPT conversations with the `default`
+# compression policy, prints what the cache service did (tokens, compression ratio,
+# memory against the fp16 cache, bytes overflowed to Redis, time to first token resumed
+# versus recomputed, agreement with full-cache generation), and stops everything.
+# About 5 minutes on two CPU cores. Extra arguments go to `minicache-worker demo`
+# (e.g. --conversations 5 --turns 4 --json results/demo.json).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bash deploy/local/setup.sh
-mkdir -p results
-policies=(--policy default --policy paper)
-if [[ " $* " == *" --policy"* ]]; then policies=(); fi
-exec .venv/bin/minicache-worker eval --model smollm2 "${policies[@]}" \
-  --json results/eval.json --plot results/eval.png "$@"
+exec .venv/bin/minicache-worker demo "$@"

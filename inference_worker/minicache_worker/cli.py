@@ -1,19 +1,26 @@
-"""`minicache-worker`: accuracy evaluation and calibration of compression policies.
+"""`minicache-worker`: the inference worker service, and accuracy evaluation and
+calibration of compression policies.
 
+    minicache-worker demo
+    minicache-worker serve --model smollm2 --cache-target 127.0.0.1:50051 --insecure 1
     minicache-worker eval --model smollm2 --policy default --json out.json
     minicache-worker eval --model smollm2 --policy all --json all.json --plot pareto.png
     minicache-worker calibrate --model smollm2 --out policy.json --report report.json
 
 `--model` takes the bundled model's name, a local .gguf file, or a local Hugging Face
 model directory. `--policy` takes a preset name, a policy JSON file, or `all` (every
-preset); repeat it to compare several in one run against one shared baseline.
+preset); repeat it to compare several in one run against one shared baseline. `serve`
+reads every setting from a flag or its MINICACHE_WORKER_<NAME> env var (docs/worker.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import signal
 import sys
+import threading
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -170,6 +177,29 @@ def run_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM or SIGINT, then drain: health NOT_SERVING at once, waiting
+    turns refused, the running turn given MINICACHE_WORKER_GRACE_S to finish."""
+    from minicache_server.logs import configure_logging
+    from minicache_worker.worker_service import start_worker
+    from minicache_worker.worker_settings import settings_from
+
+    settings = settings_from(args)
+    configure_logging(settings.log_level, settings.log_format)
+    log = logging.getLogger("minicache_worker")
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    worker = start_worker(settings)
+    try:
+        stopping.wait()
+        log.info("shutting down", extra={"grace_s": settings.grace_s})
+    finally:
+        worker.stop()
+    log.info("stopped")
+    return 0
+
+
 def _add_settings(
     parser: argparse.ArgumentParser, settings: type, names: tuple[str, ...] | None = None
 ) -> None:
@@ -185,11 +215,28 @@ def _add_settings(
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from minicache_worker import demo as demo_module
     from minicache_worker.calibration import MERGE_KINDS, CalibrationSettings
     from minicache_worker.evaluation import EvalSettings
+    from minicache_worker.worker_settings import settings_parser
 
     parser = argparse.ArgumentParser(prog="minicache-worker", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the worker service (every flag also reads MINICACHE_WORKER_<FLAG>)",
+    )
+    settings_parser(serve)
+    serve.set_defaults(handler=run_serve)
+
+    demo = commands.add_parser(
+        "demo",
+        help="start Redis, a cache server and a worker, replay ShareGPT conversations "
+        "through them, print what the cache service did, stop everything",
+    )
+    demo_module.add_arguments(demo)
+    demo.set_defaults(handler=demo_module.run)
 
     model_help = "bundled model name (smollm2), a local .gguf file or a local HF model directory"
     evaluate = commands.add_parser("eval", help="measure what policies cost in accuracy")

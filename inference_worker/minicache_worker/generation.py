@@ -101,7 +101,9 @@ class TurnGenerator:
     """Generates turns of sessions with one model; one turn at a time per instance.
 
     `client` None: no cache service (plain local generation). `kv_dtype`: the dtype KV
-    travels in (default: the model's, so policy `none` is lossless).
+    travels in (default: the model's, so policy `none` is lossless). Lookups and
+    appends use the client's deadline; a prefill's streamed put and a history's prefetch
+    last as long as the prefill computes, so they get `stream_timeout_s`.
     """
 
     def __init__(
@@ -112,8 +114,10 @@ class TurnGenerator:
         model_id: str | None = None,
         kv_dtype: str | None = None,
         metrics: WorkerMetrics | None = None,
+        stream_timeout_s: float = 300.0,
     ) -> None:
         self.lm = lm
+        self.stream_timeout_s = stream_timeout_s
         self.client = client
         self.model_id = model_id or lm.name
         self.torch_dtype = lm.model.dtype
@@ -132,9 +136,11 @@ class TurnGenerator:
         tokens = request.input_tokens
         self._check(request, tokens)
         started = time.perf_counter()
-        summary = TurnSummary(turn_tokens=list(request.new_tokens), residency=request.residency)
+        residency = request.residency if self.client is not None else Residency.LOCAL
+        summary = TurnSummary(turn_tokens=list(request.new_tokens), residency=residency)
         held = self._held_tokens(request, len(tokens), summary)
         writer = self._writer(request)
+        cache = None
         try:
             cache, logits = self._prefill(request, tokens, held, writer, summary)
             summary.time_to_first_token_s = time.perf_counter() - started
@@ -156,13 +162,19 @@ class TurnGenerator:
                 summary.decode_tokens_per_s = (summary.generated_tokens - 1) / (
                     time.perf_counter() - decode_started
                 )
+        except BaseException:
+            # Failed, or closed by the caller: a put in flight is cancelled, so the
+            # service keeps the prefix it had acknowledged.
+            if writer is not None:
+                writer.abort_put()
+            raise
+        finally:
             if isinstance(cache, ServiceCache):
                 cache.close()
-        finally:
             # Every input token and every generated token but the last went through the
             # model; the next turn starts by computing that last one.
             self._finish_writer(writer, summary, len(tokens) + summary.generated_tokens - 1)
-        self.metrics.turns.inc(residency=request.residency.value)
+        self.metrics.turns.inc(residency=residency.value)
         self.metrics.prefilled_tokens.inc(summary.prefilled_tokens)
         self.metrics.generated_tokens.inc(summary.generated_tokens)
         yield summary
@@ -221,6 +233,7 @@ class TurnGenerator:
             head_dim=self.lm.head_dim,
             dtype=self.kv_dtype,
             policy=request.policy,
+            stream_timeout_s=self.stream_timeout_s,
         )
 
     def _feed(self, session_id: str, end_token: int) -> LayerFeed:
@@ -231,6 +244,7 @@ class TurnGenerator:
             end_token=end_token,
             dtype=self.kv_dtype,
             torch_dtype=self.torch_dtype,
+            timeout_s=self.stream_timeout_s,
         )
 
     def _forward(self, cache, input_tokens: Sequence[int]) -> torch.Tensor:

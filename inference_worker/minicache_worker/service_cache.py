@@ -135,8 +135,10 @@ class SequenceWriter:
         head_dim: int,
         dtype: str,
         policy: str = "",
+        stream_timeout_s: float | None = None,
     ) -> None:
         self.client = client
+        self.stream_timeout_s = stream_timeout_s
         self.model_id = model_id
         self.sequence_id = sequence_id
         self.shape = {"num_layers": num_layers, "kv_heads": kv_heads, "head_dim": head_dim}
@@ -180,6 +182,7 @@ class SequenceWriter:
                 end_token=start_token + tokens,
                 policy=self.policy if start_token == 0 else "",
                 seal=True,
+                timeout_s=self.stream_timeout_s,  # the stream lasts as long as the prefill
             )
 
         self._step = None
