@@ -6,7 +6,9 @@ Primitives (called by the gRPC servicer, one per RPC):
   chunk and `PutSession.commit()`: a write from token 0 (new, or replacing) or from the
   tokens held (an extension). Layers are encoded as they complete (a merged pair as
   soon as both layers are in, raw layers dropped); nothing is visible before `commit`,
-  and a failed or cancelled put leaves the sequence as it was.
+  and a failed or cancelled put leaves the sequence as it was. A committed write sets
+  the sequence's tag (opaque bytes, a label of its content) to the header's, empty
+  clearing it; `lookup` returns it.
 - `prefetch(tenant, request)`: async iterator of restored layers or stored entries.
 - `lookup`, `delete`, `stats`.
 
@@ -48,6 +50,7 @@ from minicache_client.errors import (
 )
 from minicache_client.policy import PRESETS, CompressionPolicy, LayerGroup
 from minicache_client.proto import cache_service_pb2 as pb
+from minicache_client.protocol import MAX_TAG_BYTES
 from minicache_client.restore import restore_layer
 from minicache_client.wire import DTYPE_TO_WIRE, LayerAssembler, dtype_from_wire, layer_chunks
 from minicache_server.compression.layer_group_encoder import check_finite
@@ -93,6 +96,8 @@ class StoredSequence:
     # Overflowed groups: group index -> bytes of its encoding in Redis.
     overflow_bytes: dict[int, int] = field(default_factory=dict)
     fp16_bytes: int = 0
+    # Opaque label of the content, set by the last committed write (b"": none).
+    tag: bytes = b""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -132,6 +137,11 @@ class PutSession:
         self.tenant = tenant
         self.model_id = check_id(header.sequence.model_id, "model_id")
         self.sequence_id = check_id(header.sequence.sequence_id, "sequence_id")
+        if len(header.tag) > MAX_TAG_BYTES:
+            raise InvalidArgumentError(
+                f"tag is {len(header.tag)} bytes, more than the limit of {MAX_TAG_BYTES}"
+            )
+        self.tag = header.tag
         limits = store.limits
         for name, value, limit in (
             ("num_layers", header.num_layers, limits.max_layers),
@@ -511,6 +521,7 @@ class SequenceStore:
             groups=tuple(group_encoder.group for group_encoder in encoder.encoders),
             tokens=session.end,
             fp16_bytes=sum(fp16_bytes(entry) for entry in entries.values()),
+            tag=session.tag,
         )
         self._check_quota(
             session.tenant, sum(held_bytes(e) for e in entries.values()), session.existing
@@ -563,6 +574,7 @@ class SequenceStore:
                     self.device.put(sequence.key(index), entry)
             sequence.tokens = session.end
             sequence.fp16_bytes = sum(fp16_bytes(entry) for entry in entries)
+            sequence.tag = session.tag
         self._update_gauges()
         return sequence
 
@@ -654,6 +666,7 @@ class SequenceStore:
                 start_token=0,
                 end_token=sequence.tokens,
                 policy=sequence.policy.to_json(),
+                tag=sequence.tag,
             ),
             device_bytes=device,
             overflow_bytes=overflow,

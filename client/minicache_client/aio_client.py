@@ -195,6 +195,7 @@ class AsyncCacheClient:
         start_token: int = 0,
         policy: str = "",
         seal: bool = False,
+        tag: bytes = b"",
         timeout_s: float | None = None,
     ) -> PutResult:
         """`CacheClient.put`: every layer `[kv_heads, tokens, head_dim]` in one stream."""
@@ -212,6 +213,7 @@ class AsyncCacheClient:
             end_token=start_token + shape.tokens,
             policy=policy,
             seal=seal,
+            tag=tag,
         )
         stream = AsyncPutStream(
             self._service(),
@@ -242,6 +244,7 @@ class AsyncCacheClient:
         end_token: int,
         policy: str = "",
         seal: bool = False,
+        tag: bytes = b"",
         timeout_s: float | None = None,
     ) -> AsyncPutStream:
         """`CacheClient.open_put`: layers `[kv_heads, end_token - start_token, head_dim]`
@@ -258,6 +261,7 @@ class AsyncCacheClient:
             end_token=end_token,
             policy=policy,
             seal=seal,
+            tag=tag,
         )
         return AsyncPutStream(
             self._service(),
@@ -275,6 +279,7 @@ class AsyncCacheClient:
         *,
         dtype: str,
         start_token: int,
+        tag: bytes = b"",
         timeout_s: float | None = None,
     ) -> PutResult:
         """`CacheClient.append`: a few tokens `[kv_heads, tokens, head_dim]` per layer."""
@@ -286,6 +291,7 @@ class AsyncCacheClient:
             dtype=dtype,
             start_token=start_token,
             max_message_bytes=self.config.max_message_bytes,
+            tag=tag,
         )
         with typed_errors():
             response = await self._service().Append(

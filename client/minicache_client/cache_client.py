@@ -236,6 +236,7 @@ class CacheClient:
         start_token: int = 0,
         policy: str = "",
         seal: bool = False,
+        tag: bytes = b"",
         timeout_s: float | None = None,
     ) -> PutResult:
         """Write tokens [start_token, start_token + tokens) of every layer in one stream.
@@ -243,7 +244,10 @@ class CacheClient:
         `layers`: (keys, values) per layer, each `[kv_heads, tokens, head_dim]` in the
         carrier of `dtype`. From token 0 this writes (or replaces) the sequence with
         `policy` (empty: the server's default); from the tokens held, it extends it.
-        `seal` closes partial quantization blocks (the end of a prefill).
+        `seal` closes partial quantization blocks (the end of a prefill). `tag` (bytes,
+        at most 64) labels the sequence's content once the write commits, e.g. a digest
+        of its tokens; `lookup` returns it. Every write sets it: without one it is
+        cleared. A failed or aborted write leaves the previous tag.
         """
         timeout = self._timeout(timeout_s)
         start_token = check_count("start_token", start_token)
@@ -259,6 +263,7 @@ class CacheClient:
             end_token=start_token + shape.tokens,
             policy=policy,
             seal=seal,
+            tag=tag,
         )
         # Fails now, not inside gRPC's request thread, when a token exceeds a chunk.
         tokens_per_chunk(shape.kv_heads, shape.head_dim, dtype, self.config.max_chunk_bytes)
@@ -280,11 +285,13 @@ class CacheClient:
         end_token: int,
         policy: str = "",
         seal: bool = False,
+        tag: bytes = b"",
         timeout_s: float | None = None,
     ) -> PutStream:
         """Start a put of tokens [start_token, end_token) of `num_layers` layers, each
         `[kv_heads, end_token - start_token, head_dim]`, sent with `send_layer`. The
-        deadline covers the whole stream, from now until `finish()` returns."""
+        deadline covers the whole stream, from now until `finish()` returns. `tag`: as
+        in `put`, set when the stream commits."""
         header = sequence_header(
             model_id,
             sequence_id,
@@ -296,6 +303,7 @@ class CacheClient:
             end_token=end_token,
             policy=policy,
             seal=seal,
+            tag=tag,
         )
         return PutStream(
             self._stub,
@@ -313,12 +321,14 @@ class CacheClient:
         *,
         dtype: str,
         start_token: int,
+        tag: bytes = b"",
         timeout_s: float | None = None,
     ) -> PutResult:
         """Extend a sequence by a few (decode-step) tokens of every layer in one message.
 
         `layers`: (keys, values) per layer, `[kv_heads, tokens, head_dim]`; `start_token`
         must equal the tokens held. Larger extensions go through `put(start_token=...)`.
+        `tag`: the content label after the append, as in `put` (empty clears it).
         """
         timeout = self._timeout(timeout_s)
         request = append_request(
@@ -328,6 +338,7 @@ class CacheClient:
             dtype=dtype,
             start_token=start_token,
             max_message_bytes=self.config.max_message_bytes,
+            tag=tag,
         )
         with typed_errors():
             response = self._stub.Append(request, timeout=timeout, metadata=self._metadata)

@@ -1,6 +1,7 @@
 """The cache protocol's requests and response streams, shared by the sync and async clients.
 
 - `sequence_ref`, `sequence_header`: validated protobuf names and headers.
+- `check_tag`: a write's opaque content tag (bytes, at most `MAX_TAG_BYTES`).
 - `carried_layers`: a put's layers as NumPy carriers, checked against one shape.
 - `put_requests`: a whole put as a stream (header, then every layer's chunks).
 - `PutProgress`: a streamed put, layer by layer; which layers are still missing.
@@ -47,6 +48,9 @@ from minicache_client.wire import (
 
 MAX_UINT32 = (1 << 32) - 1
 MAX_UINT64 = (1 << 64) - 1
+# A sequence's content tag (SequenceHeader.tag): opaque bytes, e.g. a digest of the
+# tokens whose KV it holds. The server enforces the same limit.
+MAX_TAG_BYTES = 64
 
 WIRE_FORMS = {"restored": pb.WIRE_FORM_RESTORED, "compressed": pb.WIRE_FORM_COMPRESSED}
 
@@ -61,6 +65,22 @@ def check_count(name: str, value: Any, minimum: int = 0, maximum: int = MAX_UINT
     if not minimum <= value <= maximum:
         raise InvalidArgumentError(f"{name} must be in [{minimum}, {maximum}], got {value}")
     return value
+
+
+def check_tag(tag: Any) -> bytes:
+    """`tag` as bytes of at most `MAX_TAG_BYTES` (bytes, bytearray or memoryview; a str
+    is refused: encode it, or better, store a digest)."""
+    if not isinstance(tag, (bytes, bytearray, memoryview)):
+        raise InvalidArgumentError(
+            f"tag must be bytes (at most {MAX_TAG_BYTES}), got {type(tag).__name__}"
+        )
+    tag = bytes(tag)
+    if len(tag) > MAX_TAG_BYTES:
+        raise InvalidArgumentError(
+            f"tag is {len(tag)} bytes, more than the limit of {MAX_TAG_BYTES}: store a "
+            "digest of the content"
+        )
+    return tag
 
 
 def sequence_ref(model_id: str, sequence_id: str) -> pb.SequenceRef:
@@ -82,9 +102,11 @@ def sequence_header(
     end_token: int,
     policy: str = "",
     seal: bool = False,
+    tag: bytes = b"",
 ) -> pb.SequenceHeader:
     """The header of tokens [start_token, end_token) of every layer, `[kv_heads, tokens,
-    head_dim]` each in `dtype`."""
+    head_dim]` each in `dtype`. `tag` labels the sequence's content once the write
+    commits (empty clears it)."""
     start_token = check_count("start_token", start_token)
     end_token = check_count("end_token", end_token)
     if end_token <= start_token:
@@ -109,6 +131,7 @@ def sequence_header(
         end_token=end_token,
         policy=policy,
         seal=bool(seal),
+        tag=check_tag(tag),
     )
 
 
@@ -215,8 +238,10 @@ def append_request(
     dtype: str,
     start_token: int,
     max_message_bytes: int,
+    tag: bytes = b"",
 ) -> pb.AppendRequest:
-    """Tokens [start_token, start_token + tokens) of every layer, one chunk per layer."""
+    """Tokens [start_token, start_token + tokens) of every layer, one chunk per layer;
+    `tag` labels the sequence's content after the append (empty clears it)."""
     carried, shape = carried_layers(layers, dtype)
     header = sequence_header(
         model_id,
@@ -227,6 +252,7 @@ def append_request(
         dtype=dtype,
         start_token=start_token,
         end_token=check_count("start_token", start_token) + shape.tokens,
+        tag=tag,
     )
     # Checked before the bytes are copied into the message.
     payload = sum(keys.nbytes + values.nbytes for keys, values in carried)

@@ -58,6 +58,7 @@ class LookupResult:
     overflow_groups: int
     fp16_bytes: int
     policy: str = ""  # the sequence's compression policy, as JSON
+    tag: bytes = b""  # the content label set by the last write (b"": none)
 
     @property
     def stored_bytes(self) -> int:
@@ -82,6 +83,7 @@ class LookupResult:
             overflow_groups=response.overflow_groups,
             fp16_bytes=response.fp16_bytes,
             policy=header.policy,
+            tag=header.tag,
         )
 
 

@@ -24,47 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*minicache_client/proto/cache_service.proto\x12\x0cminicache.v1\"4\n\x0bSequenceRef\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0bsequence_id\x18\x02 \x01(\t\"\xdf\x01\n\x0eSequenceHeader\x12+\n\x08sequence\x18\x01 \x01(\x0b\x32\x19.minicache.v1.SequenceRef\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x10\n\x08kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\"\n\x05\x64type\x18\x05 \x01(\x0e\x32\x13.minicache.v1.DType\x12\x13\n\x0bstart_token\x18\x06 \x01(\x04\x12\x11\n\tend_token\x18\x07 \x01(\x04\x12\x0e\n\x06policy\x18\x08 \x01(\t\x12\x0c\n\x04seal\x18\t \x01(\x08\"_\n\nLayerChunk\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x14\n\x0ctoken_offset\x18\x02 \x01(\x04\x12\x0e\n\x06tokens\x18\x03 \x01(\r\x12\x0c\n\x04keys\x18\x04 \x01(\x0c\x12\x0e\n\x06values\x18\x05 \x01(\x0c\"o\n\nPutRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.minicache.v1.SequenceHeaderH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.minicache.v1.LayerChunkH\x00\x42\x06\n\x04item\"g\n\rAppendRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1c.minicache.v1.SequenceHeader\x12(\n\x06layers\x18\x02 \x03(\x0b\x32\x18.minicache.v1.LayerChunk\"G\n\x0bPutResponse\x12\x0e\n\x06tokens\x18\x01 \x01(\x04\x12\x14\n\x0cstored_bytes\x18\x02 \x01(\x04\x12\x12\n\nfp16_bytes\x18\x03 \x01(\x04\"\xdd\x01\n\x0fPrefetchRequest\x12+\n\x08sequence\x18\x01 \x01(\x0b\x32\x19.minicache.v1.SequenceRef\x12\x13\n\x0bstart_token\x18\x02 \x01(\x04\x12\x11\n\tend_token\x18\x03 \x01(\x04\x12\x13\n\x0b\x66irst_layer\x18\x04 \x01(\r\x12\x11\n\tend_layer\x18\x05 \x01(\r\x12)\n\twire_form\x18\x06 \x01(\x0e\x32\x16.minicache.v1.WireForm\x12\"\n\x05\x64type\x18\x07 \x01(\x0e\x32\x13.minicache.v1.DType\"O\n\nEntryChunk\x12\x0e\n\x06layers\x18\x01 \x03(\r\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xa0\x01\n\x10PrefetchResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.minicache.v1.SequenceHeaderH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.minicache.v1.LayerChunkH\x00\x12)\n\x05\x65ntry\x18\x03 \x01(\x0b\x32\x18.minicache.v1.EntryChunkH\x00\x42\x06\n\x04item\"<\n\rLookupRequest\x12+\n\x08sequence\x18\x01 \x01(\x0b\x32\x19.minicache.v1.SequenceRef\"\xb0\x01\n\x0eLookupResponse\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1c.minicache.v1.SequenceHeader\x12\x14\n\x0c\x64\x65vice_bytes\x18\x02 \x01(\x04\x12\x16\n\x0eoverflow_bytes\x18\x03 \x01(\x04\x12\x15\n\rdevice_groups\x18\x04 \x01(\r\x12\x17\n\x0foverflow_groups\x18\x05 \x01(\r\x12\x12\n\nfp16_bytes\x18\x06 \x01(\x04\"<\n\rDeleteRequest\x12+\n\x08sequence\x18\x01 \x01(\x0b\x32\x19.minicache.v1.SequenceRef\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xc2\x01\n\rStatsResponse\x12\x11\n\tsequences\x18\x01 \x01(\x04\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\x12\x14\n\x0c\x64\x65vice_bytes\x18\x03 \x01(\x04\x12\x16\n\x0eoverflow_bytes\x18\x04 \x01(\x04\x12\x12\n\nfp16_bytes\x18\x05 \x01(\x04\x12\x13\n\x0bquota_bytes\x18\x06 \x01(\x04\x12\x1b\n\x13\x64\x65vice_budget_bytes\x18\x07 \x01(\x04\x12\x1a\n\x12overflow_available\x18\x08 \x01(\x08*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03*W\n\x08WireForm\x12\x19\n\x15WIRE_FORM_UNSPECIFIED\x10\x00\x12\x16\n\x12WIRE_FORM_RESTORED\x10\x01\x12\x18\n\x14WIRE_FORM_COMPRESSED\x10\x02\x32\xa7\x03\n\x0c\x43\x61\x63heService\x12<\n\x03Put\x12\x18.minicache.v1.PutRequest\x1a\x19.minicache.v1.PutResponse(\x01\x12@\n\x06\x41ppend\x12\x1b.minicache.v1.AppendRequest\x1a\x19.minicache.v1.PutResponse\x12K\n\x08Prefetch\x12\x1d.minicache.v1.PrefetchRequest\x1a\x1e.minicache.v1.PrefetchResponse0\x01\x12\x43\n\x06Lookup\x12\x1b.minicache.v1.LookupRequest\x1a\x1c.minicache.v1.LookupResponse\x12\x43\n\x06\x44\x65lete\x12\x1b.minicache.v1.DeleteRequest\x1a\x1c.minicache.v1.DeleteResponse\x12@\n\x05Stats\x12\x1a.minicache.v1.StatsRequest\x1a\x1b.minicache.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*minicache_client/proto/cache_service.proto\x12\x0cminicache.v1\"4\n\x0bSequenceRef\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0bsequence_id\x18\x02 \x01(\t\"\xec\x01\n\x0eSequenceHeader\x12+\n\x08sequence\x18\x01 \x01(\x0b\x32\x19.minicache.v1.SequenceRef\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x10\n\x08kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\"\n\x05\x64type\x18\x05 \x01(\x0e\x32\x13.minicache.v1.DType\x12\x13\n\x0bstart_token\x18\x06 \x01(\x04\x12\x11\n\tend_token\x18\x07 \x01(\x04\x12\x0e\n\x06policy\x18\x08 \x01(\t\x12\x0c\n\x04seal\x18\t \x01(\x08\x12\x0b\n\x03tag\x18\n \x01(\x0c\"_\n\nLayerChunk\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x14\n\x0ctoken_offset\x18\x02 \x01(\x04\x12\x0e\n\x06tokens\x18\x03 \x01(\r\x12\x0c\n\x04keys\x18\x04 \x01(\x0c\x12\x0e\n\x06values\x18\x05 \x01(\x0c\"o\n\nPutRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.minicache.v1.SequenceHeaderH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.minicache.v1.LayerChunkH\x00\x42\x06\n\x04item\"g\n\rAppendRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1c.minicache.v1.SequenceHeader\x12(\n\x06layers\x18\x02 \x03(\x0b\x32\x18.minicache.v1.LayerChunk\"G\n\x0bPutResponse\x12\x0e\n\x06tokens\x18\x01 \x01(\x04\x12\x14\n\x0cstored_bytes\x18\x02 \x01(\x04\x12\x12\n\nfp16_bytes\x18\x03 \x01(\x04\"\xdd\x01\n\x0fPrefetchRequest\x12+\n\x08sequence\x18\x01 \x01(\x0b\x32\x19.minicache.v1.SequenceRef\x12\x13\n\x0bstart_token\x18\x02 \x01(\x04\x12\x11\n\tend_token\x18\x03 \x01(\x04\x12\x13\n\x0b\x66irst_layer\x18\x04 \x01(\r\x12\x11\n\tend_layer\x18\x05 \x01(\r\x12)\n\twire_form\x18\x06 \x01(\x0e\x32\x16.minicache.v1.WireForm\x12\"\n\x05\x64type\x18\x07 \x01(\x0e\x32\x13.minicache.v1.DType\"O\n\nEntryChunk\x12\x0e\n\x06layers\x18\x01 \x03(\r\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xa0\x01\n\x10PrefetchResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.minicache.v1.SequenceHeaderH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.minicache.v1.LayerChunkH\x00\x12)\n\x05\x65ntry\x18\x03 \x01(\x0b\x32\x18.minicache.v1.EntryChunkH\x00\x42\x06\n\x04item\"<\n\rLookupRequest\x12+\n\x08sequence\x18\x01 \x01(\x0b\x32\x19.minicache.v1.SequenceRef\"\xb0\x01\n\x0eLookupResponse\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1c.minicache.v1.SequenceHeader\x12\x14\n\x0c\x64\x65vice_bytes\x18\x02 \x01(\x04\x12\x16\n\x0eoverflow_bytes\x18\x03 \x01(\x04\x12\x15\n\rdevice_groups\x18\x04 \x01(\r\x12\x17\n\x0foverflow_groups\x18\x05 \x01(\r\x12\x12\n\nfp16_bytes\x18\x06 \x01(\x04\"<\n\rDeleteRequest\x12+\n\x08sequence\x18\x01 \x01(\x0b\x32\x19.minicache.v1.SequenceRef\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xc2\x01\n\rStatsResponse\x12\x11\n\tsequences\x18\x01 \x01(\x04\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\x12\x14\n\x0c\x64\x65vice_bytes\x18\x03 \x01(\x04\x12\x16\n\x0eoverflow_bytes\x18\x04 \x01(\x04\x12\x12\n\nfp16_bytes\x18\x05 \x01(\x04\x12\x13\n\x0bquota_bytes\x18\x06 \x01(\x04\x12\x1b\n\x13\x64\x65vice_budget_bytes\x18\x07 \x01(\x04\x12\x1a\n\x12overflow_available\x18\x08 \x01(\x08*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03*W\n\x08WireForm\x12\x19\n\x15WIRE_FORM_UNSPECIFIED\x10\x00\x12\x16\n\x12WIRE_FORM_RESTORED\x10\x01\x12\x18\n\x14WIRE_FORM_COMPRESSED\x10\x02\x32\xa7\x03\n\x0c\x43\x61\x63heService\x12<\n\x03Put\x12\x18.minicache.v1.PutRequest\x1a\x19.minicache.v1.PutResponse(\x01\x12@\n\x06\x41ppend\x12\x1b.minicache.v1.AppendRequest\x1a\x19.minicache.v1.PutResponse\x12K\n\x08Prefetch\x12\x1d.minicache.v1.PrefetchRequest\x1a\x1e.minicache.v1.PrefetchResponse0\x01\x12\x43\n\x06Lookup\x12\x1b.minicache.v1.LookupRequest\x1a\x1c.minicache.v1.LookupResponse\x12\x43\n\x06\x44\x65lete\x12\x1b.minicache.v1.DeleteRequest\x1a\x1c.minicache.v1.DeleteResponse\x12@\n\x05Stats\x12\x1a.minicache.v1.StatsRequest\x1a\x1b.minicache.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'minicache_client.proto.cache_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1747
-  _globals['_DTYPE']._serialized_end=1835
-  _globals['_WIREFORM']._serialized_start=1837
-  _globals['_WIREFORM']._serialized_end=1924
+  _globals['_DTYPE']._serialized_start=1760
+  _globals['_DTYPE']._serialized_end=1848
+  _globals['_WIREFORM']._serialized_start=1850
+  _globals['_WIREFORM']._serialized_end=1937
   _globals['_SEQUENCEREF']._serialized_start=60
   _globals['_SEQUENCEREF']._serialized_end=112
   _globals['_SEQUENCEHEADER']._serialized_start=115
-  _globals['_SEQUENCEHEADER']._serialized_end=338
-  _globals['_LAYERCHUNK']._serialized_start=340
-  _globals['_LAYERCHUNK']._serialized_end=435
-  _globals['_PUTREQUEST']._serialized_start=437
-  _globals['_PUTREQUEST']._serialized_end=548
-  _globals['_APPENDREQUEST']._serialized_start=550
-  _globals['_APPENDREQUEST']._serialized_end=653
-  _globals['_PUTRESPONSE']._serialized_start=655
-  _globals['_PUTRESPONSE']._serialized_end=726
-  _globals['_PREFETCHREQUEST']._serialized_start=729
-  _globals['_PREFETCHREQUEST']._serialized_end=950
-  _globals['_ENTRYCHUNK']._serialized_start=952
-  _globals['_ENTRYCHUNK']._serialized_end=1031
-  _globals['_PREFETCHRESPONSE']._serialized_start=1034
-  _globals['_PREFETCHRESPONSE']._serialized_end=1194
-  _globals['_LOOKUPREQUEST']._serialized_start=1196
-  _globals['_LOOKUPREQUEST']._serialized_end=1256
-  _globals['_LOOKUPRESPONSE']._serialized_start=1259
-  _globals['_LOOKUPRESPONSE']._serialized_end=1435
-  _globals['_DELETEREQUEST']._serialized_start=1437
-  _globals['_DELETEREQUEST']._serialized_end=1497
-  _globals['_DELETERESPONSE']._serialized_start=1499
-  _globals['_DELETERESPONSE']._serialized_end=1532
-  _globals['_STATSREQUEST']._serialized_start=1534
-  _globals['_STATSREQUEST']._serialized_end=1548
-  _globals['_STATSRESPONSE']._serialized_start=1551
-  _globals['_STATSRESPONSE']._serialized_end=1745
-  _globals['_CACHESERVICE']._serialized_start=1927
-  _globals['_CACHESERVICE']._serialized_end=2350
+  _globals['_SEQUENCEHEADER']._serialized_end=351
+  _globals['_LAYERCHUNK']._serialized_start=353
+  _globals['_LAYERCHUNK']._serialized_end=448
+  _globals['_PUTREQUEST']._serialized_start=450
+  _globals['_PUTREQUEST']._serialized_end=561
+  _globals['_APPENDREQUEST']._serialized_start=563
+  _globals['_APPENDREQUEST']._serialized_end=666
+  _globals['_PUTRESPONSE']._serialized_start=668
+  _globals['_PUTRESPONSE']._serialized_end=739
+  _globals['_PREFETCHREQUEST']._serialized_start=742
+  _globals['_PREFETCHREQUEST']._serialized_end=963
+  _globals['_ENTRYCHUNK']._serialized_start=965
+  _globals['_ENTRYCHUNK']._serialized_end=1044
+  _globals['_PREFETCHRESPONSE']._serialized_start=1047
+  _globals['_PREFETCHRESPONSE']._serialized_end=1207
+  _globals['_LOOKUPREQUEST']._serialized_start=1209
+  _globals['_LOOKUPREQUEST']._serialized_end=1269
+  _globals['_LOOKUPRESPONSE']._serialized_start=1272
+  _globals['_LOOKUPRESPONSE']._serialized_end=1448
+  _globals['_DELETEREQUEST']._serialized_start=1450
+  _globals['_DELETEREQUEST']._serialized_end=1510
+  _globals['_DELETERESPONSE']._serialized_start=1512
+  _globals['_DELETERESPONSE']._serialized_end=1545
+  _globals['_STATSREQUEST']._serialized_start=1547
+  _globals['_STATSREQUEST']._serialized_end=1561
+  _globals['_STATSRESPONSE']._serialized_start=1564
+  _globals['_STATSRESPONSE']._serialized_end=1758
+  _globals['_CACHESERVICE']._serialized_start=1940
+  _globals['_CACHESERVICE']._serialized_end=2363
 # @@protoc_insertion_point(module_scope)

@@ -36,7 +36,7 @@ class SequenceRef(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., sequence_id: _Optional[str] = ...) -> None: ...
 
 class SequenceHeader(_message.Message):
-    __slots__ = ("sequence", "num_layers", "kv_heads", "head_dim", "dtype", "start_token", "end_token", "policy", "seal")
+    __slots__ = ("sequence", "num_layers", "kv_heads", "head_dim", "dtype", "start_token", "end_token", "policy", "seal", "tag")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     KV_HEADS_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,7 @@ class SequenceHeader(_message.Message):
     END_TOKEN_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     SEAL_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
     sequence: SequenceRef
     num_layers: int
     kv_heads: int
@@ -55,7 +56,8 @@ class SequenceHeader(_message.Message):
     end_token: int
     policy: str
     seal: bool
-    def __init__(self, sequence: _Optional[_Union[SequenceRef, _Mapping]] = ..., num_layers: _Optional[int] = ..., kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., start_token: _Optional[int] = ..., end_token: _Optional[int] = ..., policy: _Optional[str] = ..., seal: _Optional[bool] = ...) -> None: ...
+    tag: bytes
+    def __init__(self, sequence: _Optional[_Union[SequenceRef, _Mapping]] = ..., num_layers: _Optional[int] = ..., kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., start_token: _Optional[int] = ..., end_token: _Optional[int] = ..., policy: _Optional[str] = ..., seal: _Optional[bool] = ..., tag: _Optional[bytes] = ...) -> None: ...
 
 class LayerChunk(_message.Message):
     __slots__ = ("layer", "token_offset", "tokens", "keys", "values")
