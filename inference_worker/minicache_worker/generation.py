@@ -32,6 +32,7 @@ from minicache_worker.service_cache import (
     LayerFeed,
     SequenceWriter,
     ServiceCache,
+    token_digest,
 )
 from minicache_worker.worker_metrics import WorkerMetrics
 
@@ -199,10 +200,11 @@ class TurnGenerator:
         if self.client is None or not request.history_tokens:
             return 0  # a first turn has no history to restore (it replaces a stale one)
         try:
-            held = self.client.lookup(self.model_id, request.session_id).tokens
+            cached = self.client.lookup(self.model_id, request.session_id)
         except CacheError as exc:
             self._recompute(summary, recompute_reason(exc), exc)
             return 0
+        held = cached.tokens
         if held >= total:
             # The last input token must run through the model for its logits; a cached
             # sequence this long is not this history's.
@@ -210,6 +212,14 @@ class TurnGenerator:
                 summary,
                 RecomputeReason.MISMATCH,
                 f"the service holds {held} tokens, the input has {total}",
+            )
+            return 0
+        if cached.tag != token_digest(request.input_tokens[:held]):
+            self._recompute(
+                summary,
+                RecomputeReason.MISMATCH,
+                f"the {held} cached tokens are not the history's first {held} (an edited "
+                "or branched conversation)",
             )
             return 0
         return held
@@ -263,7 +273,7 @@ class TurnGenerator:
         """Run tokens[held:] over the restored history; recompute all on failure."""
         if held:
             cache = ServiceCache(self.lm.num_layers, self._feed(request.session_id, held), writer)
-            writer.start_put(held, len(tokens) - held)
+            writer.start_put(held, len(tokens) - held, token_digest(tokens))
             try:
                 logits = self._forward(cache, tokens[held:])
             except HistoryUnavailableError as exc:
@@ -279,7 +289,7 @@ class TurnGenerator:
                 return cache, logits
         cache = ServiceCache(self.lm.num_layers, None, writer) if writer else DynamicCache()
         if writer is not None:
-            writer.start_put(0, len(tokens))
+            writer.start_put(0, len(tokens), token_digest(tokens))
         logits = self._forward(cache, tokens)
         if writer is not None:
             writer.end_put()
@@ -311,15 +321,20 @@ class TurnGenerator:
                 except HistoryUnavailableError as exc:
                     self._recompute(summary, recompute_reason(exc), exc)
                 else:
-                    writer.end_step(position)
+                    writer.end_step(position, self._step_tag(request, summary))
                     return cache, logits
             else:
                 self._recompute(summary, recompute_reason(failure), failure)
             return self._recompute_locally(request, token, position, summary)
         logits = self._forward(cache, [token])
         if writer is not None and isinstance(cache, ServiceCache):
-            writer.end_step(position)
+            writer.end_step(position, self._step_tag(request, summary))
         return cache, logits
+
+    @staticmethod
+    def _step_tag(request: TurnRequest, summary: TurnSummary) -> bytes:
+        """The tag of the sequence after a decode step: every token so far."""
+        return token_digest([*request.history_tokens, *summary.turn_tokens])
 
     def _recompute_locally(
         self, request: TurnRequest, token: int, position: int, summary: TurnSummary

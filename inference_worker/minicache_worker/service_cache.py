@@ -20,12 +20,14 @@ by `SequenceWriter.flush`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -33,6 +35,12 @@ from minicache_client import CacheClient, CacheError
 from minicache_client.tensors import to_torch
 
 log = logging.getLogger(__name__)
+
+
+def token_digest(tokens: Sequence[int]) -> bytes:
+    """The content tag of a sequence's KV: a digest of its token ids. A cached sequence
+    is used only for a history whose leading tokens have the same digest."""
+    return hashlib.blake2b(np.asarray(tokens, dtype="<i4").tobytes(), digest_size=16).digest()
 
 
 class HistoryUnavailableError(Exception):
@@ -116,10 +124,11 @@ class LayerFeed:
 class SequenceWriter:
     """Sends a sequence's new KV to the cache service, in order, from one thread.
 
-    `start_put(start_token, tokens)` opens a streamed put (a prefill; from token 0 it
-    writes the sequence with `policy`), then `layer(...)` for each layer, `end_put()`;
-    decode steps call `layer(...)` with one token per layer and `end_step(start_token)`
-    sends them in one Append. After the first failure the writer drops everything else
+    `start_put(start_token, tokens, tag)` opens a streamed put (a prefill; from token 0
+    it writes the sequence with `policy`), then `layer(...)` for each layer, `end_put()`;
+    decode steps call `layer(...)` with one token per layer and `end_step(start_token,
+    tag)` sends them in one Append. `tag` labels the sequence's content after the write
+    (the digest of its token ids, `token_digest`). After the first failure the writer drops everything else
     and `flush()` returns the error: the service then holds a prefix of the sequence
     (puts and appends are atomic), which the next turn extends.
     """
@@ -171,7 +180,7 @@ class SequenceWriter:
             finally:
                 self._jobs.task_done()
 
-    def start_put(self, start_token: int, tokens: int) -> None:
+    def start_put(self, start_token: int, tokens: int, tag: bytes) -> None:
         def open_put() -> None:
             self._put = self.client.open_put(
                 self.model_id,
@@ -182,6 +191,7 @@ class SequenceWriter:
                 end_token=start_token + tokens,
                 policy=self.policy if start_token == 0 else "",
                 seal=True,
+                tag=tag,
                 timeout_s=self.stream_timeout_s,  # the stream lasts as long as the prefill
             )
 
@@ -215,14 +225,19 @@ class SequenceWriter:
         self._jobs.put(abort)
         self._step = [None] * self.shape["num_layers"]
 
-    def end_step(self, start_token: int) -> None:
+    def end_step(self, start_token: int, tag: bytes) -> None:
         layers, self._step = self._step, [None] * self.shape["num_layers"]
         if any(entry is None for entry in layers):
             raise RuntimeError("a decode step ended before every layer computed its KV")
 
         def append() -> None:
             result = self.client.append(
-                self.model_id, self.sequence_id, layers, dtype=self.dtype, start_token=start_token
+                self.model_id,
+                self.sequence_id,
+                layers,
+                dtype=self.dtype,
+                start_token=start_token,
+                tag=tag,
             )
             self.held_tokens = result.tokens
 

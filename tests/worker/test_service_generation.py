@@ -249,12 +249,23 @@ def test_corrupt_overflowed_entry_is_recomputed(lm, turn_inputs, redis_process) 
     assert summary.cached_tokens == 0 and summary.stored  # rewritten from token 0
 
 
-def test_history_shorter_than_cached_sequence_is_recomputed(lm, cache_server, turn_inputs) -> None:
+@pytest.mark.parametrize("change", ["shortened", "edited"])
+def test_history_that_is_not_the_cached_ones_is_recomputed(
+    lm, cache_server, turn_inputs, change
+) -> None:
+    """The cached KV is used only for the history it was computed from (its content
+    tag): a history that lost tokens, or has one token changed, is recomputed."""
+    session = f"changed-{change}"
     with client_of(cache_server) as client:
         generator = TurnGenerator(lm, client)
-        run_turn(generator, TurnRequest("short", [], turn_inputs[0], 4, "none"))
-        # A history that lost its last turn: the service holds more than it.
-        request = TurnRequest("short", turn_inputs[0][:5], turn_inputs[1], 4, "none")
+        _, first = run_turn(generator, TurnRequest(session, [], turn_inputs[0], 4, "none"))
+        history = list(first.turn_tokens)
+        if change == "shortened":
+            history = history[:5]
+        else:
+            history[len(history) // 2] = lm.tokenizer.convert_tokens_to_ids("Paris")
+            assert history != list(first.turn_tokens)
+        request = TurnRequest(session, history, turn_inputs[1], 4, "none")
         tokens, summary = run_turn(generator, request)
     expected, _ = run_turn(TurnGenerator(lm, None), request)
     assert tokens == expected
