@@ -275,38 +275,17 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     def _stream_turn(
         self, generator: TurnGenerator, turn: TurnRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GenerateResponse]:
-        delivered = False  # the caller has the summary, so its next history
-        generated = False
-        try:
-            with contextlib.closing(generator.generate(turn)) as events:
-                for event in events:
-                    if isinstance(event, TurnSummary):
-                        self._log_turn(turn, event)
-                        yield pb.GenerateResponse(summary=summary_message(event))
-                        delivered = True
-                    else:
-                        generated = True
-                        yield pb.GenerateResponse(token=self._token_message(generator, event))
-                    if not context.is_active():
-                        return  # the caller left: stop computing for nobody
-        finally:
-            if generated and not delivered:
-                self._forget_unfinished_turn(generator, turn.session_id)
-
-    @staticmethod
-    def _forget_unfinished_turn(generator: TurnGenerator, session_id: str) -> None:
-        """A turn stores its KV as it goes. One whose summary the caller never got
-        leaves the service holding tokens past the caller's history, which the next
-        turn (a different message) would take for its own: drop the session, so that
-        turn recomputes instead."""
-        if generator.client is None:
-            return
-        try:
-            generator.client.delete(generator.model_id, session_id)
-        except CacheError as exc:
-            log.warning("cannot drop the unfinished turn of session %s: %s", session_id, exc)
-        else:
-            log.info("dropped the KV of an unfinished turn", extra={"session_id": session_id})
+        # A turn the caller leaves early keeps what it stored: the KV of its tokens, under
+        # their digest, which a next turn with another message does not match.
+        with contextlib.closing(generator.generate(turn)) as events:
+            for event in events:
+                if isinstance(event, TurnSummary):
+                    self._log_turn(turn, event)
+                    yield pb.GenerateResponse(summary=summary_message(event))
+                else:
+                    yield pb.GenerateResponse(token=self._token_message(generator, event))
+                if not context.is_active():
+                    return  # the caller left: stop computing for nobody
 
     def _token_message(self, generator: TurnGenerator, token: int) -> pb.GeneratedToken:
         # Special tokens (the end of a turn) have no text of their own.
