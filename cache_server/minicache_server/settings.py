@@ -34,7 +34,7 @@ def parse_size(text: str) -> int:
     return int(number * scale)
 
 
-def _bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
@@ -174,7 +174,7 @@ def _convert(name: str, kind: type, text: str):
         if name.endswith("_bytes"):
             return parse_size(text)
         if kind is bool:
-            return _bool(text)
+            return parse_bool(text)
         return kind(text)
     except ValueError as exc:
         raise SettingsError(f"{env_name(name)}: {exc}") from None

@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from minicache_client.channel import ClientConfig, call_metadata, create_channel
+from minicache_client.channel import ChannelClient, ClientConfig
 from minicache_client.errors import CacheError, FailedPreconditionError, error_from_rpc
 from minicache_client.proto import cache_service_pb2 as pb
 from minicache_client.proto import cache_service_pb2_grpc
@@ -201,27 +201,12 @@ class PutStream:
             self.abort()
 
 
-class CacheClient:
+class CacheClient(ChannelClient):
     """Synchronous client of one cache server; a context manager (or call `close()`)."""
 
     def __init__(self, config: ClientConfig) -> None:
-        self.config = config
-        self._channel = create_channel(config)
+        super().__init__(config)
         self._stub = cache_service_pb2_grpc.CacheServiceStub(self._channel)
-        self._metadata = call_metadata(config)
-
-    @property
-    def target(self) -> str:
-        return self.config.target
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> CacheClient:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def _timeout(self, timeout_s: float | None) -> float:
         return check_timeout(timeout_s, self.config.timeout_s)

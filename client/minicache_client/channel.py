@@ -194,3 +194,26 @@ def create_aio_channel(config: ClientConfig) -> grpc.aio.Channel:
     if config.secure:
         return grpc.aio.secure_channel(config.target, channel_credentials(config), options)
     return grpc.aio.insecure_channel(config.target, options)
+
+
+class ChannelClient:
+    """What every synchronous client owns: its config, one channel, the call metadata;
+    closed by `close()` or as a context manager."""
+
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        self._channel = create_channel(config)
+        self._metadata = call_metadata(config)
+
+    @property
+    def target(self) -> str:
+        return self.config.target
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self):  # the subclass's type
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

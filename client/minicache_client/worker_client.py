@@ -24,7 +24,7 @@ from minicache_client.cache_client import (
     serving_status,
     typed_errors,
 )
-from minicache_client.channel import ClientConfig, call_metadata, create_channel
+from minicache_client.channel import ChannelClient, ClientConfig
 from minicache_client.errors import CacheError, InvalidArgumentError
 from minicache_client.proto import worker_service_pb2 as pb
 from minicache_client.proto import worker_service_pb2_grpc
@@ -102,28 +102,13 @@ def _turn_result(generated: list[GeneratedToken], summary: pb.TurnSummary) -> Tu
     )
 
 
-class WorkerClient:
+class WorkerClient(ChannelClient):
     """The synchronous client of one inference worker (`config.target`); close it, or
     use it as a context manager."""
 
     def __init__(self, config: ClientConfig) -> None:
-        self.config = config
-        self._channel = create_channel(config)
+        super().__init__(config)
         self._stub = worker_service_pb2_grpc.WorkerServiceStub(self._channel)
-        self._metadata = call_metadata(config)
-
-    @property
-    def target(self) -> str:
-        return self.config.target
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> WorkerClient:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def _turn_timeout(self, timeout_s: float | None) -> float:
         return check_timeout(timeout_s, max(self.config.timeout_s, DEFAULT_TURN_TIMEOUT_S))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from minicache_client import ClientConfig
 from minicache_client.policy import PRESETS, load_policy
-from minicache_server.settings import ServerSettings, SettingsError
+from minicache_server.settings import ServerSettings, SettingsError, parse_bool
 
 RESIDENCIES = ("local", "remote")
 TENANT = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -33,15 +33,6 @@ def env_name(field_name: str) -> str:
 
 def _flag(field_name: str) -> str:
     return f"--{field_name.replace('_', '-')}"
-
-
-def _bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"not a boolean: {text!r} (use 1/0, true/false)")
 
 
 @dataclass(frozen=True)
@@ -191,7 +182,7 @@ class WorkerSettings:
 def _convert(name: str, kind: type, text: str):
     try:
         if kind is bool:
-            return _bool(text)
+            return parse_bool(text)
         return kind(text)
     except ValueError as exc:
         raise SettingsError(f"{env_name(name)}: {exc}") from None
