@@ -58,14 +58,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import platform
 import shutil
 import signal
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -79,6 +77,7 @@ import grpc
 import numpy as np
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from loopback import TcpBaseline  # beside this script
 
 from minicache_client import CacheClient, ClientConfig, PutResult
 from minicache_client.policy import PRESETS, load_policy
@@ -88,7 +87,6 @@ MODEL_ID = "bench-model"
 KEY_OUTLIER_CHANNELS = 4
 KEY_OUTLIER_SCALE = 6.0
 REDIS_MAX_VALUE = 512 * 2**20  # redis' default proto-max-bulk-len, 512mb (MiB)
-LENGTH = struct.Struct("!Q")  # the raw TCP receiver's framing: a byte count, then bytes
 START_TIMEOUT_S = 30.0
 
 
@@ -343,72 +341,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _recv_exactly(conn: socket.socket, view: memoryview) -> bool:
-    """Fill `view` from `conn`; False if the peer closed first."""
-    while len(view):
-        received = conn.recv_into(view)
-        if received == 0:
-            return False
-        view = view[received:]
-    return True
-
-
-def tcp_receiver(listener: socket.socket) -> None:
-    """The raw TCP baseline's receiver (its own process): per transfer, a byte count,
-    then that many bytes read into a buffer allocated once; one byte answers each. A
-    count of 0 ends it."""
-    conn, _ = listener.accept()
-    listener.close()
-    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    header = bytearray(LENGTH.size)
-    buffer = bytearray()
-    with conn:
-        while _recv_exactly(conn, memoryview(header)):
-            (count,) = LENGTH.unpack(header)
-            if count == 0:
-                return
-            if len(buffer) < count:
-                buffer = bytearray(count)
-            if not _recv_exactly(conn, memoryview(buffer)[:count]):
-                return
-            conn.sendall(b"\x01")
-
-
-class TcpBaseline:
-    """A receiver process and a connection to it."""
-
-    def __init__(self) -> None:
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        # spawn, not fork: this process holds gRPC state by the time it matters, and
-        # the receiver needs nothing of it.
-        context = multiprocessing.get_context("spawn")
-        self.process = context.Process(target=tcp_receiver, args=(listener,), daemon=True)
-        self.process.start()
-        self.sock = socket.create_connection(listener.getsockname(), timeout=START_TIMEOUT_S)
-        listener.close()
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.ack = bytearray(1)
-
-    def transfer(self, payload: bytes | memoryview) -> None:
-        self.sock.sendall(LENGTH.pack(len(payload)))
-        self.sock.sendall(payload)
-        if not _recv_exactly(self.sock, memoryview(self.ack)):
-            raise RuntimeError("the TCP receiver closed the connection")
-
-    def close(self) -> None:
-        try:
-            self.sock.sendall(LENGTH.pack(0))
-            self.sock.close()
-        except OSError:
-            pass
-        self.process.join(timeout=5)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(timeout=5)
 
 
 def _stop(process: subprocess.Popen | None, grace_s: float = 5.0) -> None:

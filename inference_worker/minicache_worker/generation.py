@@ -123,6 +123,10 @@ class TurnGenerator:
         self.model_id = model_id or lm.name
         self.torch_dtype = lm.model.dtype
         self.kv_dtype = kv_dtype or TORCH_KV_DTYPES[self.torch_dtype]
+        if self.kv_dtype not in TORCH_KV_DTYPES.values():
+            raise ValueError(
+                f"kv_dtype must be one of {sorted(TORCH_KV_DTYPES.values())}, got {kv_dtype!r}"
+            )
         self.metrics = metrics or WorkerMetrics()
         self.max_positions = getattr(
             lm.model.config.get_text_config(decoder=True), "max_position_embeddings", None

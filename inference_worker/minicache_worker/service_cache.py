@@ -152,6 +152,7 @@ class SequenceWriter:
         self.sequence_id = sequence_id
         self.shape = {"num_layers": num_layers, "kv_heads": kv_heads, "head_dim": head_dim}
         self.dtype = dtype
+        self._torch_dtype = getattr(torch, dtype)
         self.policy = policy
         self.held_tokens: int | None = None  # tokens the service acknowledged
         self.failure: BaseException | None = None
@@ -199,7 +200,9 @@ class SequenceWriter:
         self._jobs.put(open_put)
 
     def layer(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """keys/values `[kv_heads, tokens, head_dim]` of this layer's new tokens."""
+        """keys/values `[kv_heads, tokens, head_dim]` of this layer's new tokens, in the
+        model's dtype (converted to the writer's here)."""
+        keys, values = keys.to(self._torch_dtype), values.to(self._torch_dtype)
         if self._step is None:
             self._jobs.put(lambda: self._put.send_layer(layer, keys, values))
         else:

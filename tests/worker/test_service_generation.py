@@ -270,3 +270,18 @@ def test_history_that_is_not_the_cached_ones_is_recomputed(
     expected, _ = run_turn(TurnGenerator(lm, None), request)
     assert tokens == expected
     assert summary.recompute_reason is RecomputeReason.MISMATCH and summary.stored
+
+
+def test_kv_in_float16_from_a_float32_model(lm, cache_server, turn_inputs) -> None:
+    """KV stored narrower than the model computes it: converted on the way out and
+    widened on the way back; the second turn resumes."""
+    with client_of(cache_server) as client:
+        generator = TurnGenerator(lm, client, kv_dtype="float16")
+        _, first = run_turn(generator, TurnRequest("fp16", [], turn_inputs[0], 4, "none"))
+        request = TurnRequest("fp16", first.turn_tokens, turn_inputs[1], 4, "none")
+        _, second = run_turn(generator, request)
+        assert first.stored and second.stored
+        assert second.cached_tokens == len(first.turn_tokens) - 1
+        assert client.lookup(lm.name, "fp16").dtype == "float16"
+    with pytest.raises(ValueError, match="kv_dtype"):
+        TurnGenerator(lm, None, kv_dtype="int8")
