@@ -6,7 +6,12 @@
 #                            the in-image health probe can also present it under mTLS)
 #   client.crt client.key    a client certificate for mTLS (MINICACHE_TLS_CLIENT_CA)
 #   redis.crt redis.key      Redis' TLS certificate
-#   tokens                   "<token> <tenant>" lines: tenant-a and tenant-b
+#   worker.crt worker.key    the inference workers' certificate (serverAuth)
+#   tokens                   "<token> <tenant>" lines for the cache servers: tenant-a,
+#                            tenant-b and `workers` (the token in worker-cache-token)
+#   worker-tokens            "<token> <tenant>" lines for the workers' own callers:
+#                            tenant-a and tenant-b (tokens of their own)
+#   worker-cache-token       the one token the workers present to the cache servers
 #   redis-password           the password of Redis user `minicache`
 #   redis-users.acl          Redis ACL file: default user off, `minicache` by SHA-256
 #
@@ -150,6 +155,13 @@ redis_names=(localhost redis minicache-redis)
 for suffix in ".$namespace" ".$namespace.svc" ".$namespace.svc.cluster.local"; do
   redis_names+=("minicache-redis$suffix")
 done
+# Inference workers: compose names, the Kubernetes Service (load-balanced, one name),
+# and loopback for the in-container probe and host clients.
+worker_service="minicache-worker"
+worker_names=(localhost worker-a worker-b "$worker_service")
+for suffix in ".$namespace" ".$namespace.svc" ".$namespace.svc.cluster.local"; do
+  worker_names+=("$worker_service$suffix")
+done
 
 leaf_ext() {  # leaf_ext EKU SAN
   printf 'basicConstraints = critical, CA:FALSE\nkeyUsage = critical, digitalSignature, keyEncipherment\nextendedKeyUsage = %s\nsubjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid\n%s' "$1" "${2:+subjectAltName = $2}"
@@ -170,6 +182,11 @@ if [ "$reissue" -eq 1 ] || need redis.crt redis.key; then
 else
   log "kept redis.crt"
 fi
+if [ "$reissue" -eq 1 ] || need worker.crt worker.key; then
+  sign worker "$worker_service" "$(leaf_ext "serverAuth" "$(dns_list "${worker_names[@]}"),IP:127.0.0.1")"
+else
+  log "kept worker.crt (--force regenerates it, e.g. after changing --namespace)"
+fi
 
 # Bearer tokens of two tenants (the server requires >= 16 characters; these have 32).
 if need tokens; then
@@ -182,6 +199,38 @@ if need tokens; then
   log "wrote tokens (tenant-a, tenant-b)"
 else
   log "kept tokens"
+fi
+
+# The workers' token for the cache servers, and the tokens of the workers' own callers
+# (separate from the cache servers': a cache client's token buys no inference, and the
+# other way round).
+if need worker-cache-token; then
+  openssl rand -hex 16 >"$tmp/worker-cache-token"
+  install -m 0644 "$tmp/worker-cache-token" "$out/worker-cache-token"
+  log "wrote worker-cache-token"
+else
+  log "kept worker-cache-token"
+fi
+# The cache servers admit it as tenant `workers`: written into `tokens` when missing (also
+# into a `tokens` file from before the workers, whose other lines stay as they are), in
+# place of any older `workers` line.
+worker_cache_token="$(tr -d '[:space:]' <"$out/worker-cache-token")"
+if ! grep -q "^$worker_cache_token workers\$" "$out/tokens"; then
+  grep -v ' workers$' "$out/tokens" >"$tmp/tokens" || true
+  echo "$worker_cache_token workers" >>"$tmp/tokens"
+  install -m 0644 "$tmp/tokens" "$out/tokens"
+  log "added the workers' token (tenant workers) to tokens"
+fi
+if need worker-tokens; then
+  {
+    echo "# <token> <tenant>: MINICACHE_WORKER_TOKENS_FILE. Throwaway development tokens."
+    echo "$(openssl rand -hex 16) tenant-a"
+    echo "$(openssl rand -hex 16) tenant-b"
+  } >"$tmp/worker-tokens"
+  install -m 0644 "$tmp/worker-tokens" "$out/worker-tokens"
+  log "wrote worker-tokens (tenant-a, tenant-b)"
+else
+  log "kept worker-tokens"
 fi
 
 if need redis-password; then
@@ -200,5 +249,6 @@ user minicache on #$password_sha256 ~minicache* &* +@all -@admin
 EOF
 install -m 0644 "$tmp/redis-users.acl" "$out/redis-users.acl"
 
-openssl verify -CAfile "$out/ca.crt" "$out/server.crt" "$out/client.crt" "$out/redis.crt" >/dev/null
+openssl verify -CAfile "$out/ca.crt" "$out/server.crt" "$out/client.crt" "$out/redis.crt" \
+  "$out/worker.crt" >/dev/null
 log "all certificates verify against ca.crt; files are in $out (keep them out of git)"

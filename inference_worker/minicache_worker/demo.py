@@ -36,6 +36,8 @@ from minicache_client import CacheClient, ClientConfig, TurnResult, WorkerClient
 from minicache_client.sharegpt import sample_records, sharegpt_path, user_messages
 
 READY_TIMEOUT_S = 180.0
+# The one tenant of the demo's token; the worker stores a session as "<tenant>/<id>".
+DEMO_TENANT = "demo"
 
 
 def _say(message: str) -> None:
@@ -137,7 +139,7 @@ def start_cluster(stack: ExitStack, args: argparse.Namespace, workdir: Path) -> 
         "MINICACHE_METRICS_LISTEN": "",
         # Loopback only, for this demo: plaintext, but a token is still required.
         "MINICACHE_INSECURE": "1",
-        "MINICACHE_TOKENS": f"{token}=demo",
+        "MINICACHE_TOKENS": f"{token}={DEMO_TENANT}",
         "MINICACHE_DEVICE": "cpu",
         "MINICACHE_DEVICE_BUDGET_BYTES": str(args.device_budget_bytes),
         "MINICACHE_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
@@ -156,7 +158,7 @@ def start_cluster(stack: ExitStack, args: argparse.Namespace, workdir: Path) -> 
         "MINICACHE_WORKER_CACHE_TOKEN": token,
         "MINICACHE_WORKER_CACHE_INSECURE": "1",
         "MINICACHE_WORKER_INSECURE": "1",
-        "MINICACHE_WORKER_TOKENS": f"{token}=demo",
+        "MINICACHE_WORKER_TOKENS": f"{token}={DEMO_TENANT}",
         "MINICACHE_WORKER_LOG_FORMAT": "text",
     }
     worker_process = LocalProcess(
@@ -271,7 +273,7 @@ def replay(
                 baseline, report.recompute_ttft_s = timed_turn(
                     cluster.worker, baseline_session, history_tokens=history, **request
                 )
-                cluster.cache.delete(cluster.model_id, baseline_session)
+                cluster.cache.delete(cluster.model_id, f"{DEMO_TENANT}/{baseline_session}")
                 report.matching_prefix = matching_prefix(result.tokens, baseline.tokens)
                 report.matching_positions = sum(
                     a == b for a, b in zip(result.tokens, baseline.tokens, strict=False)
@@ -381,7 +383,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--conversations", type=int, default=3)
     parser.add_argument("--turns", type=int, default=3, help="user turns per conversation, at most")
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--max-message-chars", type=int, default=1500)
+    parser.add_argument("--max-message-chars", type=int, default=4000)
     parser.add_argument(
         "--device-budget-bytes",
         type=int,
