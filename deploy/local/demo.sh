@@ -5,7 +5,7 @@
 # compression policy, prints what the cache service did (tokens, compression ratio,
 # memory against the fp16 cache, bytes overflowed to Redis, time to first token resumed
 # versus recomputed, agreement with full-cache generation), and stops everything.
-# About 5 minutes on two CPU cores. Extra arguments go to `minicache-worker demo`
+# About 3 minutes on two CPU cores. Extra arguments go to `minicache-worker demo`
 # (e.g. --conversations 5 --turns 4 --json results/demo.json).
 set -euo pipefail
 cd "$(dirname "$0")/../.."

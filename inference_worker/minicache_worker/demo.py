@@ -154,6 +154,7 @@ def start_cluster(stack: ExitStack, args: argparse.Namespace, workdir: Path) -> 
         "MINICACHE_WORKER_LISTEN": f"127.0.0.1:{worker_port}",
         "MINICACHE_WORKER_METRICS_LISTEN": "",
         "MINICACHE_WORKER_MODEL": args.model,
+        "MINICACHE_WORKER_KV_DTYPE": args.kv_dtype,
         "MINICACHE_WORKER_CACHE_TARGET": f"127.0.0.1:{cache_port}",
         "MINICACHE_WORKER_CACHE_TOKEN": token,
         "MINICACHE_WORKER_CACHE_INSECURE": "1",
@@ -296,8 +297,10 @@ def describe_turn(report: TurnReport, turns: int, conversations: int, text: str)
             f"{report.recompute_ttft_s / report.ttft_s:.1f}x), "
             f"same as full cache for {report.matching_prefix}/{report.generated_tokens} tokens"
         )
-    if report.recompute_reason:
+    if report.recompute_reason and report.history_tokens:
         line += f" [recomputed: {report.recompute_reason}]"
+    if not report.stored:
+        line += " [not stored in full: see the worker's log]"
     reply = " ".join(text.split())
     return f"{line}\n    reply: {reply[:160]}{'...' if len(reply) > 160 else ''}"
 
@@ -312,6 +315,7 @@ def summarize(reports: list[TurnReport], stats, elapsed_s: float) -> dict[str, A
         "tokens_prefilled": sum(r.prefilled_tokens for r in reports),
         "tokens_generated": sum(r.generated_tokens for r in reports),
         "tokens_restored": sum(r.cached_tokens for r in reports),
+        "turns_not_stored": sum(1 for r in reports if not r.stored),
         "turns_recomputed_by_fallback": sum(
             1 for r in reports if r.recompute_reason and r.history_tokens
         ),
@@ -369,7 +373,8 @@ def format_summary(summary: dict[str, Any], policy: str) -> str:
         )
     lines.append(
         f"fallback recomputes     {summary['turns_recomputed_by_fallback']} "
-        f"(resumed turns whose history the cache could not give back)"
+        f"(resumed turns whose history the cache could not give back); "
+        f"{summary['turns_not_stored']} turns not stored in full"
     )
     lines.append(f"elapsed                 {summary['elapsed_s']:.0f} s")
     return "\n".join(lines)
@@ -380,15 +385,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", default="smollm2", help="bundled name, .gguf file or HF directory"
     )
     parser.add_argument("--policy", default="default", help="compression policy of the sessions")
-    parser.add_argument("--conversations", type=int, default=3)
+    parser.add_argument("--conversations", type=int, default=6)
     parser.add_argument("--turns", type=int, default=3, help="user turns per conversation, at most")
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--max-message-chars", type=int, default=4000)
+    parser.add_argument("--max-message-chars", type=int, default=2000)
     parser.add_argument(
         "--device-budget-bytes",
         type=int,
+        # Small enough that cold sessions overflow to Redis; a write needs room for
+        # its sequence and the raw size of its new tokens.
         default=12 << 20,
         help="the cache server's device tier; colder sessions overflow to Redis",
+    )
+    parser.add_argument(
+        "--kv-dtype",
+        default="float16",
+        choices=("float16", "bfloat16", "float32"),
+        help="dtype the worker sends and the server stores KV in (the ratio's baseline is fp16)",
     )
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--json", type=Path, help="write the figures and every turn here")
