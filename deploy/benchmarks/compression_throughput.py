@@ -57,6 +57,7 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+from arguments import positive_int  # beside this script
 
 from minicache_client.policy import PRESETS, CompressionPolicy, load_policy
 from minicache_server.compression import SequenceEncoder
@@ -108,16 +109,6 @@ class PolicyResult:
 # -- arguments ------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def _unit_float(text: str) -> float:
     try:
         value = float(text)
@@ -135,10 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     shape = parser.add_argument_group("model shape (default: SmolLM2-135M)")
-    shape.add_argument("--layers", type=_positive_int, default=30, help="number of layers")
-    shape.add_argument("--kv-heads", type=_positive_int, default=3, help="KV heads per layer")
-    shape.add_argument("--head-dim", type=_positive_int, default=64, help="channels per head")
-    parser.add_argument("--tokens", type=_positive_int, default=4096, help="tokens per layer")
+    shape.add_argument("--layers", type=positive_int, default=30, help="number of layers")
+    shape.add_argument("--kv-heads", type=positive_int, default=3, help="KV heads per layer")
+    shape.add_argument("--head-dim", type=positive_int, default=64, help="channels per head")
+    parser.add_argument("--tokens", type=positive_int, default=4096, help="tokens per layer")
     parser.add_argument(
         "--policies",
         nargs="+",
@@ -147,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"preset names ({', '.join(PRESETS)}) or policy JSON files",
     )
     parser.add_argument(
-        "--repeats", type=_positive_int, default=5, help="timed runs after one warm-up"
+        "--repeats", type=positive_int, default=5, help="timed runs after one warm-up"
     )
     parser.add_argument(
         "--dtype", choices=[DTYPE], default=DTYPE, help="KV dtype of the input and restore"

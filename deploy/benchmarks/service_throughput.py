@@ -76,6 +76,7 @@ from typing import Any
 import grpc
 import numpy as np
 import redis
+from arguments import positive_float, positive_int
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from loopback import TcpBaseline  # beside this script
 
@@ -166,31 +167,11 @@ def restored_name(policy: str) -> str:
 # -- arguments ------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
 def _sizes(text: str) -> list[float]:
     parts = [part.strip() for part in text.split(",") if part.strip()]
     if not parts:
         raise argparse.ArgumentTypeError("expected sizes in MiB separated by commas, e.g. 1,4,16")
-    return list(dict.fromkeys(_positive_float(part) for part in parts))
+    return list(dict.fromkeys(positive_float(part) for part in parts))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,9 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="sequence sizes in MiB of fp16 KV, separated by commas",
     )
     shape = parser.add_argument_group("model shape (default: SmolLM2-135M)")
-    shape.add_argument("--layers", type=_positive_int, default=30, help="number of layers")
-    shape.add_argument("--kv-heads", type=_positive_int, default=3, help="KV heads per layer")
-    shape.add_argument("--head-dim", type=_positive_int, default=64, help="channels per head")
+    shape.add_argument("--layers", type=positive_int, default=30, help="number of layers")
+    shape.add_argument("--kv-heads", type=positive_int, default=3, help="KV heads per layer")
+    shape.add_argument("--head-dim", type=positive_int, default=64, help="channels per head")
     parser.add_argument(
         "--policies",
         nargs="*",
@@ -219,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         "or policy JSON files; none is always measured",
     )
     parser.add_argument(
-        "--repeats", type=_positive_int, default=3, help="timed runs after one warm-up"
+        "--repeats", type=positive_int, default=3, help="timed runs after one warm-up"
     )
     parser.add_argument(
         "--statistic",
@@ -229,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--min-run-ms",
-        type=_positive_float,
+        type=positive_float,
         default=50.0,
         help="a timed run repeats a faster operation back to back until this many "
         "milliseconds, and counts the mean",
@@ -244,12 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     service.add_argument(
         "--device-budget-gib",
-        type=_positive_float,
+        type=positive_float,
         default=4.0,
         help="MINICACHE_DEVICE_BUDGET_BYTES of the cache server, in GiB",
     )
     service.add_argument(
-        "--timeout-s", type=_positive_float, default=120.0, help="deadline of every SDK call"
+        "--timeout-s", type=positive_float, default=120.0, help="deadline of every SDK call"
     )
     service.add_argument(
         "--redis-server",

@@ -97,6 +97,7 @@ try:
 except ImportError:  # imported from elsewhere: the module sits next to this file
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from loopback import TcpBaseline
+from arguments import positive_float, positive_int
 
 if TYPE_CHECKING:  # torch, transformers and the worker load on first use
     from minicache_client import CacheClient
@@ -125,26 +126,6 @@ class BenchmarkError(RuntimeError):
 # -- arguments ------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except None ones (their help says what they mean)."""
 
@@ -163,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--history-tokens",
-        type=_positive_int,
+        type=positive_int,
         nargs="+",
         default=None,
         metavar="N",
@@ -171,18 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
         f"with --quick {' '.join(map(str, QUICK_HISTORIES))})",
     )
     parser.add_argument(
-        "--new-tokens", type=_positive_int, default=32, help="new user tokens of the turn"
+        "--new-tokens", type=positive_int, default=32, help="new user tokens of the turn"
     )
     parser.add_argument(
         "--decode-tokens",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help=f"decode steps timed after the first token (default 32; with --quick "
         f"{QUICK_DECODE_TOKENS})",
     )
     parser.add_argument(
         "--repeats",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="measured rounds per history length (default 3; with --quick 1)",
     )
@@ -206,13 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--torch-threads",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="torch.set_num_threads (default: torch's own choice)",
     )
     parser.add_argument(
         "--min-run-ms",
-        type=_positive_float,
+        type=positive_float,
         default=200.0,
         help="a raw TCP loopback run repeats the transfer until this long and counts the mean",
     )
@@ -225,13 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--device-budget-gib",
-        type=_positive_float,
+        type=positive_float,
         default=4.0,
         help="device budget of the in-process cache server, in GiB",
     )
     parser.add_argument(
         "--timeout-s",
-        type=_positive_float,
+        type=positive_float,
         default=600.0,
         help="deadline of every SDK call (a streamed put lasts a whole prefill)",
     )
