@@ -358,6 +358,9 @@ class TurnGenerator:
         writer.close()
         summary.stored_tokens = writer.held_tokens or 0
         summary.stored = summary.stored_tokens == computed_tokens
-        if failure is not None:
+        if not summary.stored:
+            # A failed write, or a turn that went on with a local cache after its
+            # history could not be read back: either way the service lacks tokens.
             self.metrics.store_failures.inc()
+        if failure is not None:
             summary.errors.append(f"store: {failure}")
