@@ -48,13 +48,18 @@ from minicache_client.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from minicache_client.policy import PRESETS, CompressionPolicy, LayerGroup
+from minicache_client.policy import (
+    PRESETS,
+    CompressionPolicy,
+    LayerGroup,
+    ModelShape,
+    policy_for_model,
+)
 from minicache_client.proto import cache_service_pb2 as pb
 from minicache_client.protocol import MAX_TAG_BYTES
-from minicache_client.restore import restore_layer
+from minicache_client.restore import restore_group
+from minicache_client.sequence_encoder import SequenceEncoder, check_finite
 from minicache_client.wire import DTYPE_TO_WIRE, LayerAssembler, dtype_from_wire, layer_chunks
-from minicache_server.compression.layer_group_encoder import check_finite
-from minicache_server.compression.sequence_encoder import SequenceEncoder
 from minicache_server.metrics import CacheMetrics
 from minicache_server.tiers.device_tier import DeviceTier, EntryKey, held_bytes
 from minicache_server.tiers.redis_tier import OverflowUnavailableError, RedisTier
@@ -62,9 +67,6 @@ from minicache_server.tiers.redis_tier import OverflowUnavailableError, RedisTie
 log = logging.getLogger(__name__)
 
 MAX_ID_BYTES = 256
-# Used when the default policy is calibrated for another model's layers: KIVI 4-bit
-# keys and values, +0.2% perplexity at 3.08x on the bundled model (docs/results.md).
-FALLBACK_POLICY = "kivi4"
 _ID = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no spaces
 
 
@@ -167,7 +169,7 @@ class PutSession:
         self.shape = (header.num_layers, header.kv_heads, header.head_dim)
         self.existing = store.sequences.get((tenant, self.model_id, self.sequence_id))
         if self.start == 0:
-            self.policy = store.resolve_policy(header.policy, header.num_layers)
+            self.policy = store.resolve_policy(header.policy, ModelShape(*self.shape))
             self.encoder = SequenceEncoder(
                 self.policy,
                 num_layers=header.num_layers,
@@ -200,7 +202,7 @@ class PutSession:
                 f"extension of layers/heads/head_dim {self.shape} in {self.dtype} does not "
                 f"match the sequence's {held} in {existing.dtype}"
             )
-        if header.policy and self.store.resolve_policy(header.policy, held[0]) != existing.policy:
+        if header.policy and self.store.resolve_policy(header.policy, ModelShape(*held)) != existing.policy:
             raise InvalidArgumentError("an extension cannot change the sequence's policy")
         self.policy = existing.policy
 
@@ -255,7 +257,7 @@ class SequenceStore:
         self.sequences: dict[tuple[str, str, str], StoredSequence] = {}
         self._generation = 0
         self._admission = asyncio.Lock()
-        self._fallback_logged: set[int] = set()
+        self._fallback_logged: set[ModelShape] = set()
         metrics.device_budget_bytes.set(device_tier.budget_bytes)
 
     @property
@@ -265,15 +267,15 @@ class SequenceStore:
     def to_device(self, array: np.ndarray) -> Any:
         return array if self.xp is np else self.xp.asarray(array)
 
-    def resolve_policy(self, name_or_json: str, num_layers: int) -> CompressionPolicy:
+    def resolve_policy(self, name_or_json: str, shape: ModelShape) -> CompressionPolicy:
         """A client's policy: a preset name or policy JSON (never a server-side path).
 
         Empty means the server's default (the operator may give it as a file path). A
-        calibrated default names the layers of its model; for a model it does not fit,
-        the model-agnostic `FALLBACK_POLICY` is used instead (Lookup shows which)."""
+        calibrated `default` serves the model it was calibrated for; any other model gets
+        the uncalibrated fallback (logged once per shape; Lookup shows which)."""
         try:
             if not name_or_json:
-                policy = self.default_policy_for(num_layers)
+                policy = self.default_policy
             elif name_or_json.lstrip().startswith("{"):
                 policy = CompressionPolicy.from_json(name_or_json)
             elif name_or_json in PRESETS:
@@ -283,28 +285,20 @@ class SequenceStore:
                     f"unknown policy {name_or_json!r}: send one of {', '.join(PRESETS)} or a "
                     "policy as JSON"
                 )
-            policy.resolve_layer_groups(num_layers)
+            chosen = policy_for_model(policy, shape)
         except (ValueError, TypeError, KeyError) as exc:
             raise InvalidArgumentError(f"policy: {exc}") from None
-        return policy
-
-    def default_policy_for(self, num_layers: int) -> CompressionPolicy:
-        policy = self.default_policy
-        try:
-            policy.resolve_layer_groups(num_layers)
-        except ValueError as exc:
-            if num_layers not in self._fallback_logged:
-                self._fallback_logged.add(num_layers)
-                log.info(
-                    "default policy does not fit this model; using the fallback",
-                    extra={
-                        "num_layers": num_layers,
-                        "fallback": FALLBACK_POLICY,
-                        "reason": str(exc),
-                    },
-                )
-            return PRESETS[FALLBACK_POLICY]
-        return policy
+        if chosen is not policy and shape not in self._fallback_logged:
+            self._fallback_logged.add(shape)
+            log.info(
+                "default policy does not fit this model; using the fallback",
+                extra={
+                    "model_shape": f"{shape.num_layers}x{shape.kv_heads}x{shape.head_dim}",
+                    "fallback": chosen.name,
+                    "reason": policy.unfit_reason(shape),
+                },
+            )
+        return chosen
 
     def begin_put(self, tenant: str, header: pb.SequenceHeader) -> PutSession:
         return PutSession(self, tenant, header)
@@ -621,11 +615,9 @@ class SequenceStore:
             policy=sequence.policy.to_json() if compressed else "",
         )
         chunk_bytes = self.limits.max_chunk_bytes
-        sent_groups: set[int] = set()
-        for layer in range(first, end_layer):
-            group = sequence.group_of(layer)
-            if compressed and group in sent_groups:
-                continue
+        # Groups in layer order; a merged pair's direction is decoded once for both layers.
+        groups = dict.fromkeys(sequence.group_of(layer) for layer in range(first, end_layer))
+        for group in groups:
             async with sequence.lock:
                 if self.sequences.get(sequence.name) is not sequence:
                     self.metrics.misses.inc(reason="deleted_during_prefetch")
@@ -634,11 +626,8 @@ class SequenceStore:
                 if compressed:
                     data = await asyncio.to_thread(encode_entry, entry)
                 else:
-                    keys, values = await asyncio.to_thread(
-                        restore_layer, entry, layer, start, end, dtype
-                    )
+                    restored = await asyncio.to_thread(restore_group, entry, start, end, dtype)
             if compressed:
-                sent_groups.add(group)
                 for offset in range(0, len(data), chunk_bytes):
                     yield pb.EntryChunk(
                         layers=list(entry.layers),
@@ -646,11 +635,13 @@ class SequenceStore:
                         offset=offset,
                         data=data[offset : offset + chunk_bytes],
                     )
-            else:
-                for chunk in layer_chunks(
-                    layer, to_numpy(keys), to_numpy(values), dtype, chunk_bytes
-                ):
-                    yield chunk
+                continue
+            for layer, keys, values in restored:
+                if first <= layer < end_layer:
+                    for chunk in layer_chunks(
+                        layer, to_numpy(keys), to_numpy(values), dtype, chunk_bytes
+                    ):
+                        yield chunk
         self._update_gauges()
 
     def lookup(self, tenant: str, ref: pb.SequenceRef) -> pb.LookupResponse:

@@ -235,11 +235,43 @@ class LayerGroup:
 
 
 @dataclass(frozen=True)
+class ModelShape:
+    """The KV shape of a model: what a calibrated policy was measured on."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "kv_heads", "head_dim"):
+            _require_count(name, getattr(self, name), 1)
+
+
+@dataclass(frozen=True)
 class CompressionPolicy:
+    """A merge plan plus quantization. `calibrated_for`: the model shape a calibrated
+    policy was measured on; `policy_for_model` uses it only for that shape."""
+
     name: str = "custom"
     merge: MergePlan | None = None
     quantization: Quantization | None = None
     description: str = ""
+    calibrated_for: ModelShape | None = None
+
+    def unfit_reason(self, shape: ModelShape) -> str | None:
+        """Why this policy cannot serve a model of `shape`; None when it can."""
+        if self.calibrated_for is not None and self.calibrated_for != shape:
+            calibrated = self.calibrated_for
+            return (
+                f"policy {self.name!r} was calibrated for {calibrated.num_layers} layers x "
+                f"{calibrated.kv_heads} KV heads x {calibrated.head_dim} dims, not "
+                f"{shape.num_layers} x {shape.kv_heads} x {shape.head_dim}"
+            )
+        try:
+            self.resolve_layer_groups(shape.num_layers)
+        except ValueError as exc:
+            return str(exc)
+        return None
 
     @property
     def min_num_layers(self) -> int:
@@ -326,11 +358,13 @@ def _policy_from_dict(data: dict[str, Any]) -> CompressionPolicy:
             LayerBits(**bits) for bits in quantization.get("layer_bits", ())
         )
         quantization = Quantization(**quantization)
+    shape = data.get("calibrated_for")
     return CompressionPolicy(
         name=data.get("name", "custom"),
         merge=merge,
         quantization=quantization,
         description=data.get("description", ""),
+        calibrated_for=None if shape is None else ModelShape(**shape),
     )
 
 
@@ -366,10 +400,32 @@ PRESETS: dict[str, CompressionPolicy] = {
         description="KIVI-style 2-bit keys and values, groups of 32",
     ),
 }
+# The best policy measured without calibration, for any depth: KIVI 4-bit with the first
+# tokens exact (their outlier values would widen the first key group's range).
+PRESETS["kivi4_sink"] = CompressionPolicy(
+    "kivi4_sink",
+    quantization=replace(_KIVI4, sink_tokens=4),
+    description="KIVI-style 4-bit keys and values, groups of 32, first 4 tokens exact",
+)
 # Written by `minicache-worker calibrate` on the bundled model (see docs/results.md).
 PRESETS["default"] = replace(
     CompressionPolicy.from_json(_DEFAULT_POLICY_FILE.read_text()), name="default"
 )
+FALLBACK_POLICY = "kivi4_sink"
+
+
+def policy_for_model(policy: CompressionPolicy, shape: ModelShape) -> CompressionPolicy:
+    """The policy to use for a model of `shape`.
+
+    `default` is calibrated for the bundled model; for any other model it becomes the
+    uncalibrated `FALLBACK_POLICY` (which fits every depth). Any other policy is
+    returned as it is, or refused with ValueError when it does not fit the model."""
+    reason = policy.unfit_reason(shape)
+    if reason is None:
+        return policy
+    if policy.name == "default":
+        return PRESETS[FALLBACK_POLICY]
+    raise ValueError(reason)
 
 
 def load_policy(name_or_path: str) -> CompressionPolicy:

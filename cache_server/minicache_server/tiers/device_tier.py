@@ -9,7 +9,6 @@ first; the store picks eviction victims from `coldest()`.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import OrderedDict
 from collections.abc import Iterator
 from types import ModuleType
@@ -30,40 +29,9 @@ class EntryKey(NamedTuple):
     group: int
 
 
-def _is_array(value: Any) -> bool:
-    return hasattr(value, "nbytes") and hasattr(value, "dtype") and hasattr(value, "shape")
-
-
-def _map_arrays(obj: Any, convert) -> Any:
-    """`obj` with every array replaced by `convert(array)` (dataclasses and lists walked)."""
-    if dataclasses.is_dataclass(obj):
-        changes = {
-            f.name: _map_arrays(getattr(obj, f.name), convert) for f in dataclasses.fields(obj)
-        }
-        for name, value in changes.items():
-            setattr(obj, name, value)
-        return obj
-    if isinstance(obj, list):
-        return [_map_arrays(item, convert) for item in obj]
-    if _is_array(obj):
-        return convert(obj)
-    return obj
-
-
-def _arrays(obj: Any) -> Iterator[Any]:
-    if dataclasses.is_dataclass(obj):
-        for f in dataclasses.fields(obj):
-            yield from _arrays(getattr(obj, f.name))
-    elif isinstance(obj, list):
-        for item in obj:
-            yield from _arrays(item)
-    elif _is_array(obj):
-        yield obj
-
-
 def held_bytes(entry: LayerGroupEntry) -> int:
     """Bytes of every buffer the entry holds (exact once compacted)."""
-    return sum(int(array.nbytes) for array in _arrays(entry))
+    return sum(int(array.nbytes) for array in entry.arrays())
 
 
 def compact(entry: LayerGroupEntry, xp: ModuleType = np) -> LayerGroupEntry:
@@ -79,7 +47,9 @@ def compact(entry: LayerGroupEntry, xp: ModuleType = np) -> LayerGroupEntry:
             return array.copy()
         return array
 
-    return _map_arrays(entry, own)
+    for codec in entry.codecs():
+        codec.map_arrays(own)
+    return entry
 
 
 class DeviceTier:

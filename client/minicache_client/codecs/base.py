@@ -1,0 +1,108 @@
+"""The codec interface: one compression method, its stored form, encoder and decoder.
+
+A codec instance holds one side (keys or values) of one layer group of one sequence:
+the stored form is the instance's dataclass fields (arrays and plain values), so
+`minicache_client.entry` can write and read any codec without knowing it. Tokens
+arrive in order, in chunks of any size; a codec stores the same whether they came as
+one chunk or one token at a time (`append`), except that `seal` (end of a bulk put)
+may close partial blocks.
+
+Shapes: a chunk is one `[kv_heads, n, head_dim]` tensor per layer of the group, in the
+carrier dtype of the entry's KV dtype (bfloat16 as uint16); restores are
+`[kv_heads, end - start, head_dim]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from minicache_client.array_namespace import array_namespace, narrow_from_float32
+
+
+class CorruptEntryError(ValueError):
+    """A stored entry failed verification (checksum, version or structure)."""
+
+
+def check_stored(condition: bool, message: str) -> None:
+    """Structural check of a decoded stored form."""
+    if not condition:
+        raise CorruptEntryError(message)
+
+
+def concat_tokens(first: Any, second: Any, axis: int) -> Any:
+    """`first` then `second` along the token axis, as a new array (a codec never
+    aliases a caller's buffer)."""
+    if first is None or first.shape[axis] == 0:
+        return second.copy()
+    return array_namespace(first, second).concatenate([first, second], axis=axis)
+
+
+class Codec(ABC):
+    """One side (keys or values) of one layer group, as stored.
+
+    Subclasses are dataclasses; every field is stored. `name` is the registry name."""
+
+    name: ClassVar[str]
+    # Layers of the group one instance holds: 1 for stream codecs, 2 for pair merges.
+    layer_count: ClassVar[int] = 1
+
+    kv_heads: int
+    head_dim: int
+    # The KV dtype of the entry ("float32", "float16", "bfloat16").
+    dtype: str
+
+    @property
+    @abstractmethod
+    def tokens(self) -> int:
+        """Tokens held."""
+
+    @property
+    @abstractmethod
+    def frozen_tokens(self) -> int:
+        """Leading tokens whose restored values can no longer change."""
+
+    @abstractmethod
+    def append(self, chunk: Sequence[Any]) -> None:
+        """The next tokens: `layer_count` tensors `[kv_heads, n, head_dim]`."""
+
+    def seal(self) -> None:  # noqa: B027 - optional hook: most codecs keep nothing open
+        """End of a bulk put: close partial blocks. Later appends start new ones."""
+
+    @abstractmethod
+    def restore_float32(self, which: int, start: int, end: int) -> Any:
+        """float32 `[kv_heads, end - start, head_dim]` of layer `which` of the group."""
+
+    def restore(self, which: int, start: int, end: int, dtype: str) -> Any:
+        """Tokens [start, end) of layer `which`, in the carrier of `dtype`."""
+        return narrow_from_float32(self.restore_float32(which, start, end), dtype)
+
+    def restore_group(self, start: int, end: int, dtype: str) -> list[Any]:
+        """Every layer of the group; merges decode their shared part once here."""
+        return [self.restore(which, start, end, dtype) for which in range(self.layer_count)]
+
+    @abstractmethod
+    def check(self) -> None:
+        """Raise CorruptEntryError when the stored form is inconsistent."""
+
+    def arrays(self) -> list[Any]:
+        """Every array the codec holds (for byte counts and device moves)."""
+        found = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, Codec):
+                found.extend(value.arrays())
+            elif hasattr(value, "nbytes") and hasattr(value, "dtype"):
+                found.append(value)
+        return found
+
+    def map_arrays(self, convert) -> None:
+        """Replace every array with `convert(array)`, in place (nested codecs too)."""
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, Codec):
+                value.map_arrays(convert)
+            elif hasattr(value, "nbytes") and hasattr(value, "dtype"):
+                setattr(self, field.name, convert(value))

@@ -1,0 +1,273 @@
+"""`kivi`: KIVI-style asymmetric min/max quantization of one layer's tokens.
+
+Keys per channel (`mode="per_channel"`: one scale and center per (head, channel) over
+a block of `block_tokens` tokens), values per token (`mode="per_token"`: one per
+(head, token, group of `group_size` channels)). The first `sink_capacity` tokens stay
+exact in `sink` (their outliers would widen the first block's range), the `window`
+most recent ones exact in `tail`; tokens leave the tail in whole blocks once more
+than `window` newer tokens follow them.
+
+Stored layout, vectorized: every quantized token is one packed row per head in
+`codes` `[kv_heads, quantized, row_bytes]`; statistics are contiguous arrays
+(`scale`, `center`: per_channel `[kv_heads, blocks, head_dim]` with `block_ends`, the
+cumulative token count of the blocks; per_token `[kv_heads, quantized, groups]`), so a
+restore of any token range is a fixed number of array operations. A code c restores as
+center + (c - (2**bits - 1) / 2) * scale; scale and center are float16 (float32 only
+where float16 would overflow) and codes are computed against those stored values, so
+the decoder reproduces exactly what the encoder intended.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from minicache_client.array_namespace import (
+    CARRIER_DTYPES,
+    array_namespace,
+    narrow_from_float32,
+    widen_to_float32,
+)
+from minicache_client.bit_packing import SUPPORTED_BITS, code_offsets, pack_rows, row_bytes
+from minicache_client.codecs.base import Codec, check_stored, concat_tokens
+
+MODES = ("per_channel", "per_token")
+
+
+def _stored_statistic(values: Any) -> Any:
+    xp = array_namespace(values)
+    as_fp16 = values.astype(xp.float16)
+    return as_fp16 if bool(xp.isfinite(as_fp16).all()) else values.astype(xp.float32)
+
+
+def _join_statistics(held: Any, new: Any, axis: int) -> Any:
+    """Concatenate, widening both to float32 when either needs it."""
+    if held is None or held.shape[axis] == 0:
+        return new
+    xp = array_namespace(held, new)
+    if held.dtype != new.dtype:
+        held, new = held.astype(xp.float32), new.astype(xp.float32)
+    return xp.concatenate([held, new], axis=axis)
+
+
+def quantize_blocks(tokens: Any, bits: int, mode: str, group_size: int, block_tokens: int):
+    """Quantize float32 `[kv_heads, n, head_dim]` (n a multiple of `block_tokens`, or
+    one partial block). Returns (packed rows, scale, center) in the stored layout."""
+    xp = array_namespace(tokens)
+    heads, count, dim = tokens.shape
+    if mode == "per_channel":
+        block = min(block_tokens, count)
+        grouped = tokens.reshape(heads, count // block, block, dim)
+        reduce_axis = 2
+    else:
+        grouped = tokens.reshape(heads, count, dim // group_size, group_size)
+        reduce_axis = 3
+    # Statistics are few: float64 keeps (high - low) exact and free of overflow.
+    low = grouped.min(axis=reduce_axis, keepdims=True).astype(xp.float64)
+    high = grouped.max(axis=reduce_axis, keepdims=True).astype(xp.float64)
+    levels = (1 << bits) - 1
+    scale = _stored_statistic((high - low) / levels)
+    center = _stored_statistic((high + low) / 2)
+    step = scale.astype(xp.float32)
+    step = xp.where(step > 0, step, 1)
+    codes = xp.rint((grouped - center.astype(xp.float32)) / step + levels / 2)
+    codes = xp.clip(codes, 0, levels).astype(xp.uint8).reshape(heads, count, dim)
+    return pack_rows(codes, bits), xp.squeeze(scale, reduce_axis), xp.squeeze(center, reduce_axis)
+
+
+@dataclass
+class KiviStream(Codec):
+    name: ClassVar[str] = "kivi"
+
+    kv_heads: int
+    head_dim: int
+    dtype: str
+    bits: int = 4
+    mode: str = "per_token"
+    group_size: int = 32
+    block_tokens: int = 32
+    sink_capacity: int = 0
+    window: int = 0
+    sink: Any = None
+    codes: Any = None
+    scale: Any = None
+    center: Any = None
+    block_ends: Any = None
+    tail: Any = None
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.mode == "per_token" and self.head_dim % self.group_size:
+            raise ValueError(
+                f"value_group_size {self.group_size} does not divide head_dim {self.head_dim}"
+            )
+        carrier = CARRIER_DTYPES[self.dtype]
+        empty = (self.kv_heads, 0, self.head_dim)
+        xp = array_namespace(*(a for a in (self.sink, self.codes, self.tail) if a is not None))
+        if self.sink is None:
+            self.sink = xp.zeros(empty, dtype=carrier)
+        if self.tail is None:
+            self.tail = xp.zeros(empty, dtype=carrier)
+        if self.codes is None:
+            self.codes = xp.zeros(
+                (self.kv_heads, 0, row_bytes(self.head_dim, self.bits)), dtype=xp.uint8
+            )
+            groups = self.head_dim if self.mode == "per_channel" else self.head_dim // self.group_size
+            self.scale = xp.zeros((self.kv_heads, 0, groups), dtype=xp.float16)
+            self.center = xp.zeros((self.kv_heads, 0, groups), dtype=xp.float16)
+            self.block_ends = xp.zeros(0, dtype=xp.int64)
+
+    @property
+    def quantized_tokens(self) -> int:
+        return int(self.codes.shape[1])
+
+    @property
+    def tokens(self) -> int:
+        return int(self.sink.shape[1]) + self.quantized_tokens + int(self.tail.shape[1])
+
+    @property
+    def frozen_tokens(self) -> int:
+        return int(self.sink.shape[1]) + self.quantized_tokens
+
+    # -- encoding -------------------------------------------------------------------
+
+    def append(self, chunk: Sequence[Any]) -> None:
+        (array,) = chunk
+        room = self.sink_capacity - int(self.sink.shape[1])
+        if room > 0:
+            self.sink = concat_tokens(self.sink, array[:, :room], axis=1)
+            array = array[:, room:]
+        if array.shape[1]:
+            self.tail = concat_tokens(self.tail, array, axis=1)
+        self._flush(seal=False)
+
+    def seal(self) -> None:
+        self._flush(seal=True)
+
+    def _flush(self, seal: bool) -> None:
+        ready = int(self.tail.shape[1]) - self.window
+        if ready <= 0:
+            return
+        full = ready // self.block_tokens * self.block_tokens
+        if full:
+            self._quantize(full)
+        if seal and ready > full:
+            self._quantize(ready - full)
+
+    def _quantize(self, count: int) -> None:
+        """Move the tail's first `count` tokens (whole blocks, or one partial block)
+        into the quantized arrays."""
+        xp = array_namespace(self.tail)
+        tokens = widen_to_float32(self.tail[:, :count], self.dtype)
+        codes, scale, center = quantize_blocks(
+            tokens, self.bits, self.mode, self.group_size, self.block_tokens
+        )
+        self.codes = concat_tokens(self.codes, codes, axis=1)
+        self.scale = _join_statistics(self.scale, scale, axis=1)
+        self.center = _join_statistics(self.center, center, axis=1)
+        if self.mode == "per_channel":
+            blocks = scale.shape[1]
+            size = count // blocks
+            first = self.quantized_tokens - count
+            ends = first + size * xp.arange(1, blocks + 1, dtype=xp.int64)
+            self.block_ends = xp.concatenate([self.block_ends, ends])
+        self.tail = self.tail[:, count:].copy()
+
+    # -- decoding -------------------------------------------------------------------
+
+    def _dequantize(self, start: int, end: int) -> Any:
+        """float32 `[kv_heads, end - start, head_dim]` of quantized tokens [start, end)
+        (indices into the quantized part)."""
+        xp = array_namespace(self.codes)
+        offsets = code_offsets(self.codes[:, start:end], self.bits, self.head_dim)
+        scale, center = self.scale, self.center
+        if self.mode == "per_channel":
+            ends = self.block_ends
+            first = int(xp.searchsorted(ends, start, side="right"))
+            last = int(xp.searchsorted(ends, end - 1, side="right")) + 1
+            begins = xp.concatenate([ends[:1] * 0, ends[:-1]])[first:last]
+            counts = xp.clip(ends[first:last], start, end) - xp.clip(begins, start, end)
+            if bool((counts == self.block_tokens).all()):
+                # Whole blocks of one size: the statistics broadcast, no gather.
+                shaped = offsets.reshape(self.kv_heads, last - first, self.block_tokens, -1)
+                shaped *= scale[:, first:last, None].astype(xp.float32)
+                shaped += center[:, first:last, None].astype(xp.float32)
+                return offsets
+            counts = counts.tolist()
+            offsets *= xp.repeat(scale[:, first:last], counts, axis=1).astype(xp.float32)
+            offsets += xp.repeat(center[:, first:last], counts, axis=1).astype(xp.float32)
+            return offsets
+        groups = scale.shape[-1]
+        shaped = offsets.reshape(self.kv_heads, end - start, groups, self.head_dim // groups)
+        shaped *= scale[:, start:end, :, None].astype(xp.float32)
+        shaped += center[:, start:end, :, None].astype(xp.float32)
+        return offsets
+
+    def _pieces(self, start: int, end: int):
+        """(part, lo, hi, out_lo) for the parts of [start, end): sink, quantized, tail."""
+        sink, quantized = int(self.sink.shape[1]), self.quantized_tokens
+        bounds = (("sink", 0, sink), ("codes", sink, sink + quantized))
+        bounds += (("tail", sink + quantized, self.tokens),)
+        for part, first, last in bounds:
+            lo, hi = max(start, first), min(end, last)
+            if lo < hi:
+                yield part, lo - first, hi - first, lo - start
+
+    def restore(self, which: int, start: int, end: int, dtype: str) -> Any:
+        xp = array_namespace(self.codes)
+        out = xp.empty((self.kv_heads, end - start, self.head_dim), dtype=CARRIER_DTYPES[dtype])
+        for part, lo, hi, at in self._pieces(start, end):
+            if part == "codes":
+                values = narrow_from_float32(self._dequantize(lo, hi), dtype)
+            else:
+                exact = getattr(self, part)[:, lo:hi]
+                values = exact if dtype == self.dtype else _convert(exact, self.dtype, dtype)
+            out[:, at : at + hi - lo] = values
+        return out
+
+    def restore_float32(self, which: int, start: int, end: int) -> Any:
+        return self.restore(which, start, end, "float32")
+
+    def check(self) -> None:
+        heads, dim = self.kv_heads, self.head_dim
+        check_stored(self.bits in SUPPORTED_BITS, f"unknown bit width {self.bits!r}")
+        check_stored(self.mode in MODES, f"unknown quantization mode {self.mode!r}")
+        check_stored(
+            isinstance(self.group_size, int) and self.group_size >= 1, "bad group size"
+        )
+        check_stored(
+            isinstance(self.block_tokens, int) and self.block_tokens >= 1, "bad block size"
+        )
+        for part in (self.sink, self.tail):
+            check_stored(
+                part.ndim == 3 and part.shape[0] == heads and part.shape[2] == dim,
+                "exact tokens have the wrong shape",
+            )
+        quantized = self.quantized_tokens
+        check_stored(
+            self.codes.shape == (heads, quantized, row_bytes(dim, self.bits)),
+            "codes have the wrong shape",
+        )
+        check_stored(self.scale.shape == self.center.shape, "scale and center disagree")
+        if self.mode == "per_channel":
+            ends = self.block_ends
+            check_stored(
+                self.scale.shape == (heads, ends.shape[0], dim), "statistics disagree with blocks"
+            )
+            steps = array_namespace(ends).diff(ends, prepend=0)
+            check_stored(
+                (int(ends[-1]) if ends.shape[0] else 0) == quantized and bool((steps > 0).all()),
+                "block ends disagree with the quantized tokens",
+            )
+        else:
+            check_stored(
+                dim % self.group_size == 0
+                and self.scale.shape == (heads, quantized, dim // self.group_size),
+                "statistics disagree with the quantized tokens",
+            )
+
+
+def _convert(exact: Any, stored: str, wanted: str) -> Any:
+    return narrow_from_float32(widen_to_float32(exact, stored), wanted)

@@ -1,0 +1,64 @@
+"""`raw`: one layer's tokens exactly as they arrived (the `none` policy, and the
+direction of a merged pair that is not quantized)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from minicache_client.array_namespace import (
+    CARRIER_DTYPES,
+    array_namespace,
+    narrow_from_float32,
+    widen_to_float32,
+)
+from minicache_client.codecs.base import Codec, check_stored, concat_tokens
+
+
+@dataclass
+class RawStream(Codec):
+    """`values`: `[kv_heads, tokens, head_dim]` in the carrier of `dtype`."""
+
+    name: ClassVar[str] = "raw"
+
+    kv_heads: int
+    head_dim: int
+    dtype: str
+    values: Any = None
+
+    def __post_init__(self) -> None:
+        if self.values is None:
+            self.values = array_namespace().zeros(
+                (self.kv_heads, 0, self.head_dim), dtype=CARRIER_DTYPES[self.dtype]
+            )
+
+    @property
+    def tokens(self) -> int:
+        return int(self.values.shape[1])
+
+    @property
+    def frozen_tokens(self) -> int:
+        return self.tokens
+
+    def append(self, chunk: Sequence[Any]) -> None:
+        (array,) = chunk
+        self.values = concat_tokens(self.values, array, axis=1)
+
+    def restore(self, which: int, start: int, end: int, dtype: str) -> Any:
+        held = self.values[:, start:end]
+        if dtype == self.dtype:
+            return held.copy()
+        return narrow_from_float32(widen_to_float32(held, self.dtype), dtype)
+
+    def restore_float32(self, which: int, start: int, end: int) -> Any:
+        return widen_to_float32(self.values[:, start:end], self.dtype)
+
+    def check(self) -> None:
+        check_stored(
+            self.values.ndim == 3
+            and self.values.shape[0] == self.kv_heads
+            and self.values.shape[2] == self.head_dim
+            and self.values.dtype == CARRIER_DTYPES[self.dtype],
+            "exact tokens have the wrong shape or dtype",
+        )
