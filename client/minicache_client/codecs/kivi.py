@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+
 from minicache_client.array_namespace import (
     CARRIER_DTYPES,
     array_namespace,
@@ -36,9 +37,15 @@ MODES = ("per_channel", "per_token")
 
 
 def _stored_statistic(values: Any) -> Any:
+    """float16, or float32 where float16 would overflow: then every value that fits is
+    still rounded to float16 first, so a value does not depend on its neighbours (nor
+    on how tokens were chunked)."""
     xp = array_namespace(values)
     as_fp16 = values.astype(xp.float16)
-    return as_fp16 if bool(xp.isfinite(as_fp16).all()) else values.astype(xp.float32)
+    fits = xp.isfinite(as_fp16)
+    if bool(fits.all()):
+        return as_fp16
+    return xp.where(fits, as_fp16.astype(xp.float32), values.astype(xp.float32))
 
 
 def _join_statistics(held: Any, new: Any, axis: int) -> Any:
@@ -177,33 +184,48 @@ class KiviStream(Codec):
 
     # -- decoding -------------------------------------------------------------------
 
-    def _dequantize(self, start: int, end: int) -> Any:
-        """float32 `[kv_heads, end - start, head_dim]` of quantized tokens [start, end)
-        (indices into the quantized part)."""
+    def _statistics(self, start: int, end: int) -> tuple[Any, Any, Any, int]:
+        """(scale, center, rows, width) of quantized tokens [start, end): float32
+        `[kv_heads, stat_rows, groups]` statistics, the statistics row of each token
+        (int64 `[end - start]`) and the channels per group."""
         xp = array_namespace(self.codes)
-        offsets = code_offsets(self.codes[:, start:end], self.bits, self.head_dim)
-        scale, center = self.scale, self.center
-        if self.mode == "per_channel":
+        if self.mode == "per_token":
+            rows = xp.arange(end - start, dtype=xp.int64)
+            scale, center = self.scale[:, start:end], self.center[:, start:end]
+            width = self.group_size
+        else:
             ends = self.block_ends
             first = int(xp.searchsorted(ends, start, side="right"))
             last = int(xp.searchsorted(ends, end - 1, side="right")) + 1
-            begins = xp.concatenate([ends[:1] * 0, ends[:-1]])[first:last]
-            counts = xp.clip(ends[first:last], start, end) - xp.clip(begins, start, end)
-            if bool((counts == self.block_tokens).all()):
-                # Whole blocks of one size: the statistics broadcast, no gather.
-                shaped = offsets.reshape(self.kv_heads, last - first, self.block_tokens, -1)
-                shaped *= scale[:, first:last, None].astype(xp.float32)
-                shaped += center[:, first:last, None].astype(xp.float32)
-                return offsets
-            counts = counts.tolist()
-            offsets *= xp.repeat(scale[:, first:last], counts, axis=1).astype(xp.float32)
-            offsets += xp.repeat(center[:, first:last], counts, axis=1).astype(xp.float32)
-            return offsets
-        groups = scale.shape[-1]
-        shaped = offsets.reshape(self.kv_heads, end - start, groups, self.head_dim // groups)
-        shaped *= scale[:, start:end, :, None].astype(xp.float32)
-        shaped += center[:, start:end, :, None].astype(xp.float32)
-        return offsets
+            tokens = xp.arange(start, end, dtype=xp.int64)
+            rows = xp.searchsorted(ends[first:last], tokens, side="right").astype(xp.int64)
+            scale, center = self.scale[:, first:last], self.center[:, first:last]
+            width = 1
+        return scale.astype(xp.float32), center.astype(xp.float32), rows, width
+
+    def _dequantize(self, start: int, end: int, dtype: str) -> Any:
+        """Quantized tokens [start, end) (indices into the quantized part) restored into
+        the carrier of `dtype`, `[kv_heads, end - start, head_dim]`."""
+        xp = array_namespace(self.codes)
+        scale, center, rows, width = self._statistics(start, end)
+        codes = self.codes[:, start:end]
+        offsets = code_offsets(codes, self.bits, self.head_dim)
+        count = end - start
+        if self.mode == "per_token":
+            shaped = offsets.reshape(self.kv_heads, count, -1, width)
+            shaped *= scale[..., None]
+            shaped += center[..., None]
+        elif count % self.block_tokens == 0 and bool(
+            (rows == xp.arange(count) // self.block_tokens).all()
+        ):
+            # Whole blocks of one size: the statistics broadcast, no gather.
+            shaped = offsets.reshape(self.kv_heads, scale.shape[1], self.block_tokens, -1)
+            shaped *= scale[:, :, None]
+            shaped += center[:, :, None]
+        else:
+            offsets *= scale[:, rows]
+            offsets += center[:, rows]
+        return narrow_from_float32(offsets, dtype)
 
     def _pieces(self, start: int, end: int):
         """(part, lo, hi, out_lo) for the parts of [start, end): sink, quantized, tail."""
@@ -220,7 +242,7 @@ class KiviStream(Codec):
         out = xp.empty((self.kv_heads, end - start, self.head_dim), dtype=CARRIER_DTYPES[dtype])
         for part, lo, hi, at in self._pieces(start, end):
             if part == "codes":
-                values = narrow_from_float32(self._dequantize(lo, hi), dtype)
+                values = self._dequantize(lo, hi, dtype)
             else:
                 exact = getattr(self, part)[:, lo:hi]
                 values = exact if dtype == self.dtype else _convert(exact, self.dtype, dtype)
