@@ -48,6 +48,4 @@ def restore_group(
     sides = []
     for side in (entry.keys, entry.values):
         sides.append([layer for codec in side for layer in codec.restore_group(start, end, dtype)])
-    return [
-        (layer, keys, values) for layer, keys, values in zip(entry.layers, *sides, strict=True)
-    ]
+    return [(layer, keys, values) for layer, keys, values in zip(entry.layers, *sides, strict=True)]

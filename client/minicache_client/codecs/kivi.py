@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-
 from minicache_client.array_namespace import (
     CARRIER_DTYPES,
     array_namespace,
@@ -121,7 +120,9 @@ class KiviStream(Codec):
             self.codes = xp.zeros(
                 (self.kv_heads, 0, row_bytes(self.head_dim, self.bits)), dtype=xp.uint8
             )
-            groups = self.head_dim if self.mode == "per_channel" else self.head_dim // self.group_size
+            groups = (
+                self.head_dim if self.mode == "per_channel" else self.head_dim // self.group_size
+            )
             self.scale = xp.zeros((self.kv_heads, 0, groups), dtype=xp.float16)
             self.center = xp.zeros((self.kv_heads, 0, groups), dtype=xp.float16)
             self.block_ends = xp.zeros(0, dtype=xp.int64)
@@ -256,9 +257,7 @@ class KiviStream(Codec):
         heads, dim = self.kv_heads, self.head_dim
         check_stored(self.bits in SUPPORTED_BITS, f"unknown bit width {self.bits!r}")
         check_stored(self.mode in MODES, f"unknown quantization mode {self.mode!r}")
-        check_stored(
-            isinstance(self.group_size, int) and self.group_size >= 1, "bad group size"
-        )
+        check_stored(isinstance(self.group_size, int) and self.group_size >= 1, "bad group size")
         check_stored(
             isinstance(self.block_tokens, int) and self.block_tokens >= 1, "bad block size"
         )

@@ -47,9 +47,7 @@ class MergedPair(Codec):
     @classmethod
     def for_pair(cls, merge: PairMerge, direction: Codec) -> MergedPair:
         """An empty pair for the policy's `merge`, its direction stored by `direction`."""
-        return cls(
-            direction.kv_heads, direction.head_dim, direction.dtype, direction, merge.window
-        )
+        return cls(direction.kv_heads, direction.head_dim, direction.dtype, direction, merge.window)
 
     @property
     def merged_tokens(self) -> int:

@@ -149,9 +149,7 @@ class SlerpMerge(MergedPair):
         mask = retained_mask(distances, self.threshold, retention, first_token)
         heads, tokens = xp.nonzero(mask)
         if heads.size:
-            self.retained_heads = concat_tokens(
-                self.retained_heads, heads.astype(xp.int16), axis=0
-            )
+            self.retained_heads = concat_tokens(self.retained_heads, heads.astype(xp.int16), axis=0)
             self.retained_tokens = concat_tokens(
                 self.retained_tokens, (tokens + first_token).astype(xp.int32), axis=0
             )
