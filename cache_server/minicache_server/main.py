@@ -11,9 +11,10 @@ import logging
 import signal
 import sys
 
-from minicache_server.logs import configure_logging
+from minicache_client.serving.logs import configure_logging
+from minicache_client.serving.settings import SettingsError
 from minicache_server.service.server import start_server
-from minicache_server.settings import SettingsError, load_settings
+from minicache_server.settings import load_settings
 
 log = logging.getLogger("minicache_server")
 

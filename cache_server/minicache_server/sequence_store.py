@@ -202,7 +202,10 @@ class PutSession:
                 f"extension of layers/heads/head_dim {self.shape} in {self.dtype} does not "
                 f"match the sequence's {held} in {existing.dtype}"
             )
-        if header.policy and self.store.resolve_policy(header.policy, ModelShape(*held)) != existing.policy:
+        if (
+            header.policy
+            and self.store.resolve_policy(header.policy, ModelShape(*held)) != existing.policy
+        ):
             raise InvalidArgumentError("an extension cannot change the sequence's policy")
         self.policy = existing.policy
 

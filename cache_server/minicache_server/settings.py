@@ -1,46 +1,25 @@
 """The cache server's settings: one object, read from flags and MINICACHE_* env vars.
 
 A flag wins over its env var, which wins over the default. A missing or bad value stops
-start-up with the variable's name in the message (`SettingsError`).
+start-up with the variable's name in the message (`SettingsError`). The readers and
+parsers are the ones the worker's settings use too (`minicache_client.serving.settings`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
-
-
-class SettingsError(ValueError):
-    """A setting is missing or malformed; the message names the env var."""
-
-
-def parse_size(text: str) -> int:
-    """Bytes from `1048576`, `512MiB`, `2GB`, `64k` (binary units with `i`)."""
-    match = _SIZE.match(text)
-    if not match:
-        raise ValueError(f"not a size: {text!r} (use e.g. 1073741824, 512MiB, 2GiB)")
-    number, unit = float(match.group(1)), (match.group(2) or "").lower()
-    if "i" in unit:
-        scale = 1024 ** ("kmgt".index(unit[0]) + 1)
-    else:
-        scale = _UNITS[unit.rstrip("b")] if unit != "b" else 1
-    return int(number * scale)
-
-
-def parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"not a boolean: {text!r} (use 1/0, true/false)")
+from minicache_client.serving.auth import load_token_tenants
+from minicache_client.serving.settings import (
+    SettingsError,
+    add_setting_flags,
+    flag_name,
+    setting_values,
+)
 
 
 @dataclass(frozen=True)
@@ -117,9 +96,7 @@ class ServerSettings:
         ]
         for ok, name, expected in checks:
             if not ok:
-                raise SettingsError(
-                    f"{env_name(name)} (--{name.replace('_', '-')}): must be {expected}"
-                )
+                raise SettingsError(f"{env_name(name)} ({flag_name(name)}): must be {expected}")
         for name in ("tls_cert", "tls_key", "tls_client_ca", "tokens_file", "redis_tls_ca"):
             path = getattr(self, name)
             if path and not Path(path).is_file():
@@ -131,33 +108,7 @@ class ServerSettings:
 
     def token_tenants(self) -> dict[str, str]:
         """Bearer token -> tenant, from the file and the env var."""
-        pairs: list[tuple[str, str, str]] = []
-        if self.tokens_file:
-            for number, line in enumerate(Path(self.tokens_file).read_text().splitlines(), 1):
-                line = line.split("#", 1)[0].strip()
-                if line:
-                    parts = line.split()
-                    if len(parts) != 2:
-                        raise SettingsError(
-                            f"{env_name('tokens_file')}: line {number} must be '<token> <tenant>'"
-                        )
-                    pairs.append((parts[0], parts[1], f"line {number}"))
-        for item in filter(None, (part.strip() for part in self.tokens.split(","))):
-            token, sep, tenant = item.partition("=")
-            if not sep or not token or not tenant:
-                raise SettingsError(f"{env_name('tokens')}: entries must be '<token>=<tenant>'")
-            pairs.append((token, tenant, "env"))
-        mapping: dict[str, str] = {}
-        for token, tenant, where in pairs:
-            if len(token) < 16:
-                raise SettingsError(
-                    f"{env_name('tokens')}/{env_name('tokens_file')} ({where}): tokens must "
-                    "have at least 16 characters"
-                )
-            if mapping.get(token, tenant) != tenant:
-                raise SettingsError(f"token of {where} is mapped to two tenants")
-            mapping[token] = tenant
-        return mapping
+        return load_token_tenants(self.tokens_file, self.tokens, env_name)
 
     def redis_password_value(self) -> str:
         if self.redis_password_file:
@@ -169,17 +120,6 @@ def env_name(field_name: str) -> str:
     return f"MINICACHE_{field_name.upper()}"
 
 
-def _convert(name: str, kind: type, text: str):
-    try:
-        if name.endswith("_bytes"):
-            return parse_size(text)
-        if kind is bool:
-            return parse_bool(text)
-        return kind(text)
-    except ValueError as exc:
-        raise SettingsError(f"{env_name(name)}: {exc}") from None
-
-
 def load_settings(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> ServerSettings:
@@ -189,21 +129,6 @@ def load_settings(
         prog="minicache-server",
         description="MiniCache cache server. Every flag also reads MINICACHE_<FLAG> from env.",
     )
-    types = {"bool": bool, "int": int, "float": float, "str": str}
-    for f in fields(ServerSettings):
-        parser.add_argument(
-            f"--{f.name.replace('_', '-')}",
-            dest=f.name,
-            default=None,
-            help=f"env {env_name(f.name)}, default {f.default!r}",
-        )
-    args = parser.parse_args(argv)
-    values = {}
-    for f in fields(ServerSettings):
-        kind = types[f.type] if isinstance(f.type, str) else f.type
-        text = getattr(args, f.name)
-        if text is None:
-            text = environ.get(env_name(f.name))
-        if text is not None:
-            values[f.name] = _convert(f.name, kind, text)
+    add_setting_flags(parser, ServerSettings, env_name)
+    values = setting_values(ServerSettings, parser.parse_args(argv), environ, env_name)
     return ServerSettings(**values)

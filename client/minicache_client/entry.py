@@ -219,6 +219,8 @@ def decode_entry(data: bytes | bytearray | memoryview) -> LayerGroupEntry:
             f"entry format version {version} is not supported (this build reads version "
             f"{FORMAT_VERSION}): the entry was written by another release; recompute it"
         )
+    if bytes(data[5:8]) != bytes(3):
+        raise CorruptEntryError("entry header's reserved bytes are not zero")
     if xxhash.xxh3_64_intdigest(data[_HEADER.size :]) != checksum:
         raise CorruptEntryError("entry checksum mismatch")
     (meta_length,) = _META_LENGTH.unpack_from(data, _HEADER.size)

@@ -1,15 +1,15 @@
-"""Prometheus metrics of the inference worker (same registry and text format as the
-cache server's): turns, resumed turns, recomputes by reason, failed stores, tokens,
-time to first token."""
+"""Prometheus metrics of the inference worker (`minicache_client.serving.metrics`, the
+cache server's registry and text format): turns, resumed turns, recomputes by reason,
+failed stores, tokens, time to first token."""
 
 from __future__ import annotations
 
-from minicache_server.metrics import Counter, Histogram, _Metric
+from minicache_client.serving.metrics import Counter, Histogram, MetricSet
 
 TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
-class WorkerMetrics:
+class WorkerMetrics(MetricSet):
     def __init__(self) -> None:
         self.turns = Counter("minicache_worker_turns_total", "Turns generated", ("residency",))
         self.resumed_turns = Counter(
@@ -37,7 +37,3 @@ class WorkerMetrics:
             ("resumed",),
             buckets=TTFT_BUCKETS_S,
         )
-        self.all = [value for value in vars(self).values() if isinstance(value, _Metric)]
-
-    def render(self) -> str:
-        return "\n".join(line for metric in self.all for line in metric.render()) + "\n"

@@ -35,9 +35,9 @@ from minicache_client import CacheClient, CacheError
 from minicache_client.policy import PRESETS, CompressionPolicy
 from minicache_client.proto import worker_service_pb2 as pb
 from minicache_client.proto import worker_service_pb2_grpc as pb_grpc
-from minicache_server.metrics import serve_metrics
-from minicache_server.service.auth import PUBLIC_PREFIX, TokenAuth
-from minicache_server.settings import SettingsError
+from minicache_client.serving.auth import SyncAuthInterceptor, TokenAuth
+from minicache_client.serving.metrics import serve_metrics
+from minicache_client.serving.settings import SettingsError, split_address
 from minicache_worker.chat_turns import user_turn_tokens
 from minicache_worker.generation import Residency, TurnGenerator, TurnRequest, TurnSummary
 from minicache_worker.models import LoadedModel, load_model
@@ -53,9 +53,6 @@ SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 SPARE_THREADS = 4
 # How often a waiting turn checks whether its caller is still there.
 WAIT_POLL_S = 0.2
-UNAUTHENTICATED_MESSAGE = (
-    "missing or unknown bearer token (metadata 'authorization: Bearer <token>')"
-)
 
 _RESIDENCY_FROM_PROTO = {pb.RESIDENCY_LOCAL: Residency.LOCAL, pb.RESIDENCY_REMOTE: Residency.REMOTE}
 _RESIDENCY_TO_PROTO = {value: key for key, value in _RESIDENCY_FROM_PROTO.items()}
@@ -196,10 +193,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         worker has tokens, so one tenant's session ids never reach another's KV."""
         if not self.auth.required:
             return session_id
-        tenant = self.auth.tenant_for(context.invocation_metadata())
-        if tenant is None:  # the interceptor already refused such calls
-            raise PermissionError("no tenant for this call")
-        return f"{tenant}/{session_id}"
+        return f"{self.auth.tenant_of(context)}/{session_id}"
 
     def turn_request(
         self, request: pb.GenerateRequest, generator: TurnGenerator, sequence_id: str
@@ -310,56 +304,6 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         )
 
 
-class BearerTokenInterceptor(grpc.ServerInterceptor):
-    """The cache server's token check (`TokenAuth`) for a synchronous server: calls
-    other than health without a known bearer token fail with UNAUTHENTICATED before a
-    handler runs."""
-
-    def __init__(self, auth: TokenAuth) -> None:
-        self.auth = auth
-
-    def intercept_service(
-        self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler | None:
-        method = handler_call_details.method
-        if (
-            method.startswith(PUBLIC_PREFIX)
-            or not self.auth.required
-            or self.auth.tenant_for(handler_call_details.invocation_metadata) is not None
-        ):
-            return continuation(handler_call_details)
-        return _refusing(continuation(handler_call_details))
-
-
-def _refusing(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
-    """A handler of the same streaming shape that aborts with UNAUTHENTICATED."""
-
-    def abort(request_or_iterator, context: grpc.ServicerContext):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
-
-    if handler is None:
-        return grpc.unary_unary_rpc_method_handler(abort)
-    factories = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
-    factory = factories[(bool(handler.request_streaming), bool(handler.response_streaming))]
-    return factory(
-        abort,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
-
-
-def _split_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise SettingsError(f"address {address!r} must be host:port")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
 def _credentials(settings: WorkerSettings) -> grpc.ServerCredentials | None:
     if not settings.tls_cert:
         return None
@@ -382,7 +326,7 @@ class WorkerServer:
     @property
     def address(self) -> str:
         """host:port to dial (loopback when the worker listens on every interface)."""
-        host, _ = _split_address(self.settings.listen)
+        host, _ = split_address(self.settings.listen)
         if host in ("0.0.0.0", "::"):
             host = "127.0.0.1"
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
@@ -425,7 +369,7 @@ def start_worker(settings: WorkerSettings, lm: LoadedModel | None = None) -> Wor
         ThreadPoolExecutor(
             max_workers=settings.max_queue + 1 + SPARE_THREADS, thread_name_prefix="worker-rpc"
         ),
-        interceptors=[BearerTokenInterceptor(auth)],
+        interceptors=[SyncAuthInterceptor(auth)],
         options=[("grpc.so_reuseport", 0)],
     )
     pb_grpc.add_WorkerServiceServicer_to_server(servicer, server)
@@ -448,7 +392,7 @@ def start_worker(settings: WorkerSettings, lm: LoadedModel | None = None) -> Wor
     server.start()
     try:
         if settings.metrics_listen:
-            host, metrics_port = _split_address(settings.metrics_listen)
+            host, metrics_port = split_address(settings.metrics_listen)
             metrics_http = serve_metrics(metrics, host, metrics_port)
         if lm is None:
             log.info("loading the model", extra={"model": settings.model, "port": port})

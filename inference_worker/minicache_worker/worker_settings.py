@@ -2,8 +2,8 @@
 env vars.
 
 A flag wins over its env var, which wins over the default. A missing or bad value stops
-start-up with the variable's name in the message (`SettingsError`, the cache server's
-class, so one `except` catches both).
+start-up with the variable's name in the message (`SettingsError`). The readers, the
+parsers and the token format are the cache server's (`minicache_client.serving`).
 """
 
 from __future__ import annotations
@@ -13,12 +13,18 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from minicache_client import ClientConfig
 from minicache_client.policy import PRESETS, load_policy
-from minicache_server.settings import ServerSettings, SettingsError, parse_bool
+from minicache_client.serving.auth import load_token_tenants
+from minicache_client.serving.settings import (
+    SettingsError,
+    add_setting_flags,
+    flag_name,
+    setting_values,
+)
 
 RESIDENCIES = ("local", "remote")
 TENANT = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -29,10 +35,6 @@ MAX_NEW_TOKENS_CEILING = 4096
 
 def env_name(field_name: str) -> str:
     return f"MINICACHE_WORKER_{field_name.upper()}"
-
-
-def _flag(field_name: str) -> str:
-    return f"--{field_name.replace('_', '-')}"
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,7 @@ class WorkerSettings:
         ]
         for ok, name, expected in checks:
             if not ok:
-                raise SettingsError(f"{env_name(name)} ({_flag(name)}): must be {expected}")
+                raise SettingsError(f"{env_name(name)} ({flag_name(name)}): must be {expected}")
         for name in ("tls_cert", "tls_key", "tokens_file", "cache_token_file", "cache_tls_ca"):
             path = getattr(self, name)
             if path and not Path(path).is_file():
@@ -145,13 +147,7 @@ class WorkerSettings:
     def token_tenants(self) -> dict[str, str]:
         """Bearer token -> tenant of the worker's own callers (the cache server's
         format and checks, reported under the worker's variable names)."""
-        try:
-            return ServerSettings(
-                tokens_file=self.tokens_file, tokens=self.tokens, insecure=True
-            ).token_tenants()
-        except SettingsError as exc:
-            message = str(exc).replace("MINICACHE_", "MINICACHE_WORKER_")
-            raise SettingsError(message) from None
+        return load_token_tenants(self.tokens_file, self.tokens, env_name)
 
     def policy_for_requests(self) -> str:
         """What a turn without a policy sends: a preset name, the default policy file's
@@ -179,26 +175,10 @@ class WorkerSettings:
             raise SettingsError(f"{env_name('cache_target')} and related: {exc}") from None
 
 
-def _convert(name: str, kind: type, text: str):
-    try:
-        if kind is bool:
-            return parse_bool(text)
-        return kind(text)
-    except ValueError as exc:
-        raise SettingsError(f"{env_name(name)}: {exc}") from None
-
-
 def settings_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """One flag per setting (default None: unset flags fall back to the env var)."""
     parser = parser or argparse.ArgumentParser(prog="minicache-worker serve")
-    for f in fields(WorkerSettings):
-        parser.add_argument(
-            _flag(f.name),
-            dest=f.name,
-            default=None,
-            help=f"env {env_name(f.name)}, default {f.default!r}",
-        )
-    return parser
+    return add_setting_flags(parser, WorkerSettings, env_name)
 
 
 def settings_from(
@@ -206,16 +186,7 @@ def settings_from(
 ) -> WorkerSettings:
     """Settings from parsed flags over env vars (`environ`, default os.environ)."""
     environ = os.environ if environ is None else environ
-    types = {"bool": bool, "int": int, "float": float, "str": str}
-    values = {}
-    for f in fields(WorkerSettings):
-        kind = types[f.type] if isinstance(f.type, str) else f.type
-        text = getattr(args, f.name, None)
-        if text is None:
-            text = environ.get(env_name(f.name))
-        if text is not None:
-            values[f.name] = _convert(f.name, kind, text)
-    return WorkerSettings(**values)
+    return WorkerSettings(**setting_values(WorkerSettings, args, environ, env_name))
 
 
 def load_worker_settings(

@@ -19,8 +19,9 @@ from service_fixtures import ServerThread, kv_layers, settings_for
 
 from minicache_client.proto import cache_service_pb2 as pb
 from minicache_client.proto import cache_service_pb2_grpc as pb_grpc
+from minicache_client.serving.settings import SettingsError
 from minicache_client.wire import LayerAssembler, layer_chunks
-from minicache_server.settings import ServerSettings, SettingsError
+from minicache_server.settings import ServerSettings
 
 TIMEOUT = 10
 TOKEN_A = "token-of-tenant-a-0123456789"

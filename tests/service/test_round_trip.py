@@ -14,7 +14,7 @@ from service_fixtures import ServerThread, kv_layers, settings_for
 from minicache_client import CacheClient, ClientConfig
 from minicache_client.array_namespace import narrow_from_float32
 from minicache_client.policy import load_policy
-from minicache_server.compression.sequence_encoder import SequenceEncoder
+from minicache_client.sequence_encoder import SequenceEncoder
 
 # The bundled model's KV shape: the calibrated `default` policy names its layer pairs.
 LAYERS, HEADS, DIM = 30, 3, 64
@@ -160,8 +160,13 @@ def test_delete_then_miss(client) -> None:
 
 
 def test_default_policy_falls_back_for_other_models(client) -> None:
-    """The shipped default is calibrated for the bundled model's 30 layers."""
+    """The shipped default is calibrated for the bundled model's 30 layers x 3 KV heads
+    x 64 dims: another depth, or the same depth with other heads, gets `kivi4_sink`."""
     client.put("m8", "fallback", kv_layers(8, 40, HEADS, DIM), dtype="float16")
-    assert '"name": "kivi4"' in client.lookup("m8", "fallback").policy
+    assert '"name": "kivi4_sink"' in client.lookup("m8", "fallback").policy
+    client.put("m30", "fallback", kv_layers(LAYERS, 40, 2, DIM), dtype="float16")
+    assert '"name": "kivi4_sink"' in client.lookup("m30", "fallback").policy
+    client.put("m8", "named", kv_layers(8, 40, HEADS, DIM), dtype="float16", policy="default")
+    assert '"name": "kivi4_sink"' in client.lookup("m8", "named").policy
     client.put("m", "calibrated", kv_layers(LAYERS, 40, HEADS, DIM), dtype="float16")
     assert '"name": "default"' in client.lookup("m", "calibrated").policy

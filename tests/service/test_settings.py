@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from minicache_server.settings import ServerSettings, SettingsError, load_settings, parse_size
+from minicache_client.serving.settings import SettingsError, parse_size
+from minicache_server.settings import ServerSettings, load_settings
 
 INSECURE = {"MINICACHE_INSECURE": "1"}
 TOKEN_A = "token-of-tenant-a-0123456789"

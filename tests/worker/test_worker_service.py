@@ -24,7 +24,7 @@ from minicache_client import (
     UnauthenticatedError,
     WorkerClient,
 )
-from minicache_server.settings import SettingsError
+from minicache_client.serving.settings import SettingsError
 from minicache_worker.chat_turns import user_turn_tokens
 from minicache_worker.cli import build_parser, main
 from minicache_worker.generation import TurnGenerator, TurnRequest, TurnSummary

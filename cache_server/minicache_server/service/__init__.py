@@ -1,1 +1,1 @@
-"""The gRPC face of the cache server: servicer, authentication, server assembly."""
+"""The gRPC face of the cache server: servicer and server assembly (authentication is in minicache_client.serving)."""

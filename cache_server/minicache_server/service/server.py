@@ -22,11 +22,13 @@ from grpc_reflection.v1alpha import reflection
 from minicache_client.policy import load_policy
 from minicache_client.proto import cache_service_pb2 as pb
 from minicache_client.proto import cache_service_pb2_grpc as pb_grpc
-from minicache_server.metrics import CacheMetrics, serve_metrics
+from minicache_client.serving.auth import AuthInterceptor, TokenAuth
+from minicache_client.serving.metrics import serve_metrics
+from minicache_client.serving.settings import SettingsError, split_address
+from minicache_server.metrics import CacheMetrics
 from minicache_server.sequence_store import Limits, SequenceStore
-from minicache_server.service.auth import AuthInterceptor, TokenAuth
 from minicache_server.service.servicer import CacheServicer
-from minicache_server.settings import ServerSettings, SettingsError
+from minicache_server.settings import ServerSettings
 from minicache_server.tiers.device_tier import DeviceTier
 from minicache_server.tiers.redis_tier import RedisTier
 
@@ -52,13 +54,6 @@ def array_module(device: str) -> ModuleType:
     if device == "cuda":
         raise SettingsError("MINICACHE_DEVICE=cuda but no CUDA device is present")
     return np
-
-
-def _split_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise SettingsError(f"address {address!r} must be host:port")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 @dataclass
@@ -161,7 +156,7 @@ async def start_server(settings: ServerSettings) -> CacheServer:
         await health_server.start()
     metrics_http = None
     if settings.metrics_listen:
-        host, metrics_port = _split_address(settings.metrics_listen)
+        host, metrics_port = split_address(settings.metrics_listen)
         metrics_http = serve_metrics(metrics, host, metrics_port)
     await server.start()
     for name in ("", SERVICE_NAME):

@@ -17,9 +17,9 @@ import grpc
 from minicache_client.errors import CacheError, FailedPreconditionError, InvalidArgumentError
 from minicache_client.proto import cache_service_pb2 as pb
 from minicache_client.proto import cache_service_pb2_grpc as pb_grpc
+from minicache_client.serving.auth import TokenAuth
 from minicache_server.metrics import CacheMetrics
 from minicache_server.sequence_store import SequenceStore
-from minicache_server.service.auth import TokenAuth
 
 log = logging.getLogger(__name__)
 

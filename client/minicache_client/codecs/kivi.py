@@ -105,6 +105,8 @@ class KiviStream(Codec):
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
         if self.mode == "per_token" and self.head_dim % self.group_size:
             raise ValueError(
                 f"value_group_size {self.group_size} does not divide head_dim {self.head_dim}"

@@ -134,8 +134,8 @@ class MergedPair(Codec):
         check_stored(isinstance(self.direction, Codec), "merged direction has no codec")
         check_stored(
             self.direction.layer_count == 1
-            and (self.direction.kv_heads, self.direction.head_dim)
-            == (self.kv_heads, self.head_dim),
+            and (self.direction.kv_heads, self.direction.head_dim, self.direction.dtype)
+            == (self.kv_heads, self.head_dim, self.dtype),
             "merged direction disagrees with its pair",
         )
         self.direction.check()
