@@ -3,7 +3,8 @@
 Measures, for each compression policy, in one run on the same data:
 
 - encode: `SequenceEncoder.put_layer` for every layer, then `seal()`;
-- restore: `SequenceEncoder.restore_layer` of every layer, all tokens, to float16;
+- restore: `SequenceEncoder.restore_all`: every layer, all tokens, to float16 (each
+  layer group decoded once);
 - copy (the baseline): `.copy()` of every layer's fp16 keys and values, the same bytes
   that encode reads and restore writes, into fresh arrays as restore's are. A second
   figure, `copyto` into preallocated arrays, shows the machine's bare copy bandwidth
@@ -60,7 +61,7 @@ import numpy as np
 from arguments import positive_int  # beside this script
 
 from minicache_client.policy import PRESETS, CompressionPolicy, load_policy
-from minicache_server.compression import SequenceEncoder
+from minicache_client.sequence_encoder import SequenceEncoder
 
 DTYPE = "float16"
 KEY_OUTLIER_CHANNELS = 4
@@ -296,9 +297,8 @@ def encode(policy: CompressionPolicy, shape: ModelShape, keys: list, values: lis
 
 
 def restore(encoder: SequenceEncoder, shape: ModelShape) -> list:
-    return [
-        encoder.restore_layer(layer, 0, shape.tokens, DTYPE) for layer in range(shape.num_layers)
-    ]
+    """Every layer, all tokens, to float16; a merged pair's direction decoded once."""
+    return encoder.restore_all(0, shape.tokens, DTYPE)
 
 
 def copy_all(keys: list, values: list) -> list:
@@ -325,11 +325,9 @@ class Baseline:
 
 
 def retained_units(encoder: SequenceEncoder) -> int:
-    count = 0
-    for entry in encoder.entries:
-        for side in (entry.keys, entry.values):
-            count += getattr(side, "retained_count", 0)
-    return count
+    return sum(
+        getattr(codec, "retained_count", 0) for entry in encoder.entries for codec in entry.codecs()
+    )
 
 
 def benchmark_policy(

@@ -26,14 +26,17 @@ Search, greedy and measured at every step:
 3. apply changes in that order, re-measuring the combined policy each time, keeping a
    change only while the combined cost stays within the budget.
 The policy with the highest measured ratio wins. `quantization_only` stops after 1.
+The written policy carries the model's shape (`calibrated_for`), so that it is applied
+to that model only (`policy_for_model`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -45,13 +48,17 @@ from minicache_client.policy import (
     CompressionPolicy,
     LayerBits,
     MergePlan,
+    ModelShape,
     PairMerge,
     Quantization,
 )
-from minicache_server.compression import SequenceEncoder
+from minicache_client.sequence_encoder import SequenceEncoder
 from minicache_worker.compressed_cache import STORE_DTYPE, CompressedCache
+from minicache_worker.evaluation import PhaseBar, flag_field, no_bar
 from minicache_worker.models import LoadedModel
 from minicache_worker.texts import split_text
+
+log = logging.getLogger(__name__)
 
 # Quantization candidates, from gentle to aggressive. Keys per channel in groups of
 # `key_group_size` tokens, values per token in groups of `value_group_size` channels;
@@ -76,18 +83,27 @@ MERGE_KINDS = ("keys", "values")
 
 @dataclass(frozen=True)
 class CalibrationSettings:
-    budget: float = 0.015  # allowed relative perplexity increase on calibration text
-    context_tokens: int = 1024
-    scored_tokens: int = 256
-    decode_chunk_tokens: int = 16
-    windows: int = 6
+    budget: float = flag_field(
+        0.015,
+        "allowed relative perplexity increase on calibration text, a fraction: 0.015 is +1.5%",
+    )
+    context_tokens: int = flag_field(1024, "tokens of each window's compressed prefix")
+    scored_tokens: int = flag_field(256, "continuation tokens scored in each window")
+    decode_chunk_tokens: int = flag_field(
+        16,
+        "continuation tokens per forward pass while scoring; each chunk is stored "
+        "compressed before the next, as decoding would; 1 is token by token, the slowest",
+    )
+    windows: int = flag_field(6, "windows of calibration text every candidate is scored on")
     quantization_finalists: int = 1
     t_values: tuple[float, ...] = MERGE_T_VALUES
     merge_first_layers: tuple[int, ...] | None = None  # candidate pairs; None: every pair
     merge_kinds: tuple[str, ...] = MERGE_KINDS  # which sides candidate merges merge
-    # Recent tokens a candidate merge keeps unmerged. At least decode_chunk_tokens, so
-    # that the chunked scoring sees what token-by-token decoding sees.
-    merge_window: int = 32
+    # At least decode_chunk_tokens, so that the chunked scoring sees what token-by-token
+    # decoding sees.
+    merge_window: int = flag_field(
+        32, "recent tokens a candidate merge keeps unmerged; at least --decode-chunk-tokens"
+    )
     # Stop after step 1: the best quantization candidate within the budget (minutes,
     # where the full search takes about an hour on two CPU cores).
     quantization_only: bool = False
@@ -142,7 +158,9 @@ class CalibrationWindow:
 class CalibrationScorer:
     """Perplexity of calibration continuations after a compressed prefix."""
 
-    def __init__(self, lm: LoadedModel, settings: CalibrationSettings) -> None:
+    def __init__(
+        self, lm: LoadedModel, settings: CalibrationSettings, bar: PhaseBar = no_bar
+    ) -> None:
         self.lm = lm
         self.settings = settings
         tokens = lm.tokenizer(
@@ -155,8 +173,10 @@ class CalibrationScorer:
                 f"windows of {span} need {span * settings.windows}"
             )
         stride = tokens.numel() // settings.windows
+        starts = [i * stride for i in range(settings.windows)]
         self.windows = [
-            self._window(tokens[i * stride : i * stride + span]) for i in range(settings.windows)
+            self._window(tokens[start : start + span])
+            for start in bar(starts, "prefix KV of calibration windows", len(starts), "window")
         ]
         self.baseline = self._perplexity(PRESETS["none"])[0]
 
@@ -333,6 +353,7 @@ def policy_changes(
 @dataclass
 class CalibrationReport:
     model: str
+    shape: ModelShape
     budget: float
     baseline_perplexity: float
     best: Measurement
@@ -345,6 +366,7 @@ class CalibrationReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
+            "shape": asdict(self.shape),
             "budget": self.budget,
             "baseline_perplexity": self.baseline_perplexity,
             "best": self.best.to_dict(),
@@ -356,23 +378,25 @@ class CalibrationReport:
 
 
 def calibrate(
-    lm: LoadedModel,
-    settings: CalibrationSettings | None = None,
-    progress: Callable[[str], None] = lambda message: None,
+    lm: LoadedModel, settings: CalibrationSettings | None = None, bar: PhaseBar = no_bar
 ) -> CalibrationReport:
+    """Search for the policy with the highest ratio within the budget; every measurement
+    is logged, and each phase (prefix KV, quantization candidates, single changes, the
+    greedy search) goes through `bar`."""
     settings = settings or CalibrationSettings()
     started = time.perf_counter()
-    scorer = CalibrationScorer(lm, settings)
-    progress(f"baseline perplexity {scorer.baseline:.3f} on {settings.windows} windows")
+    scorer = CalibrationScorer(lm, settings, bar)
+    log.info("baseline perplexity %.3f on %d windows", scorer.baseline, settings.windows)
 
     def measured(policy: CompressionPolicy, label: str) -> Measurement:
         result = scorer.measure(policy, label)
-        progress(f"{label}: cost {result.cost:+.2%}, ratio {result.compression_ratio:.2f}")
+        log.info("%s: cost %+.2f%%, ratio %.2f", label, 100 * result.cost, result.compression_ratio)
         return result
 
+    candidates = settings.quantization_candidates
     quantization = [
         measured(CompressionPolicy("calibrated", quantization=q), quantization_label(q))
-        for q in settings.quantization_candidates
+        for q in bar(candidates, "quantization candidates", len(candidates), "candidate")
     ]
     within = [m for m in quantization if m.cost <= settings.budget]
     if not within:
@@ -387,9 +411,10 @@ def calibrate(
     single_changes: list[Measurement] = []
     for start in [] if settings.quantization_only else finalists:
         changes = policy_changes(start.policy, lm.num_layers, settings)
+        phase = f"single changes on {start.label}"
         singles = [
             (change, measured(change.apply(start.policy), "  " + change.label))
-            for change in changes
+            for change in bar(changes, phase, len(changes), "candidate")
         ]
         single_changes.extend(m for _, m in singles)
 
@@ -400,7 +425,9 @@ def calibrate(
             return (single[1].cost - start.cost) / saved if saved > 0 else math.inf
 
         path = [start]
-        for change, single in sorted(singles, key=cost_per_byte):
+        ranked = sorted(singles, key=cost_per_byte)
+        phase = f"greedy search from {start.label}"
+        for change, single in bar(ranked, phase, len(ranked), "change"):
             current = path[-1]
             room = settings.budget - current.cost
             if single.cost - start.cost > room or cost_per_byte((change, single)) == math.inf:
@@ -418,6 +445,7 @@ def calibrate(
             best_path = path
     return CalibrationReport(
         model=lm.name,
+        shape=lm.shape,
         budget=settings.budget,
         baseline_perplexity=scorer.baseline,
         best=best_path[-1],
@@ -429,10 +457,13 @@ def calibrate(
 
 
 def calibrated_policy(report: CalibrationReport, name: str = "calibrated") -> CompressionPolicy:
+    """The report's best policy, named, described, and marked `calibrated_for` the
+    model's shape: `policy_for_model` refuses it for any other model."""
     best = report.best
     return replace(
         best.policy,
         name=name,
+        calibrated_for=report.shape,
         description=(
             f"calibrated on {report.model}: cost {best.cost:+.2%} (budget "
             f"{report.budget:.2%}), ratio {best.compression_ratio:.2f} on calibration text"

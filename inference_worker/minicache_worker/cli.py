@@ -11,6 +11,8 @@ calibration of compression policies.
 model directory. `--policy` takes a preset name, a policy JSON file, or `all` (every
 preset); repeat it to compare several in one run against one shared baseline. `serve`
 reads every setting from a flag or its MINICACHE_WORKER_<NAME> env var (docs/worker.md).
+`eval` and `calibrate` log to stderr and draw a progress bar per phase there when it is
+a terminal (`--progress`); results go to stdout and the files named.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from minicache_client.policy import PRESETS, CompressionPolicy, load_policy
+from minicache_client.policy import FALLBACK_POLICY, PRESETS, CompressionPolicy, load_policy
 
 CALIBRATION_FLAGS = (
     "budget",
@@ -36,9 +40,67 @@ CALIBRATION_FLAGS = (
     "merge_window",
 )
 
+# Exit statuses of `eval` (and of every command for EXIT_USAGE).
+EXIT_OK = 0
+EXIT_POLICY_FAILED = 1  # some policy's row is an error row; the JSON is written anyway
+EXIT_USAGE = 2  # nothing ran: a bad flag, policy file or model
+EVAL_EXIT_STATUS = (
+    f"Exit status: {EXIT_OK} when every policy ran; {EXIT_POLICY_FAILED} when any policy did "
+    f"not fit the model or failed (its row in the table and the JSON is an error row, the "
+    f"other policies still run and --json is written); {EXIT_USAGE} when nothing ran (a bad "
+    f"flag, policy name or file, or a model that cannot be loaded)."
+)
+PROGRESS_MODES = {"auto": None, "always": False, "never": True}  # tqdm's `disable`
 
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+log = logging.getLogger("minicache_worker")
+Item = TypeVar("Item")
+
+
+class TerminalBars:
+    """Progress bars on stderr, one per phase, with rate and ETA (tqdm). Nested phases
+    stack below the outermost one, which alone stays on screen when done."""
+
+    def __init__(self, mode: str = "auto") -> None:
+        self.disable = PROGRESS_MODES[mode]
+        self.open = 0
+
+    def __call__(self, items: Iterable[Item], phase: str, total: int, unit: str) -> Iterator[Item]:
+        from tqdm import tqdm
+
+        bar = tqdm(
+            items,
+            desc=phase,
+            total=total,
+            unit=unit,
+            leave=self.open == 0,
+            disable=self.disable,  # None: only when stderr is a terminal
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+        self.open += 1
+        try:
+            yield from bar
+        finally:
+            self.open -= 1
+            bar.close()
+
+
+@contextmanager
+def _console_logging() -> Iterator[None]:
+    """The worker's INFO log on stderr for one command, written above any progress bar."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        with logging_redirect_tqdm(loggers=[log]):
+            yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 def _policies(specs: list[str]) -> list[CompressionPolicy]:
@@ -50,14 +112,22 @@ def _policies(specs: list[str]) -> list[CompressionPolicy]:
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
+    """One line per row; a policy that fell back shows as 'default (as kivi4_sink)', an
+    error row as its policy and the error."""
+    from minicache_worker.evaluation import policy_label
+
+    width = max([14, *(len(policy_label(r)) for r in results)])
     header = (
-        f"{'policy':<14} {'ratio':>6} {'perplexity':>10} {'full':>8} {'increase':>9} "
+        f"{'policy':<{width}} {'ratio':>6} {'perplexity':>10} {'full':>8} {'increase':>9} "
         f"{'needle':>7} {'full':>5} {'greedy':>7}"
     )
     rows = [header, "-" * len(header)]
     for r in results:
+        if "error" in r:
+            rows.append(f"{policy_label(r):<{width}} error: {r['error']}")
+            continue
         rows.append(
-            f"{r['policy']:<14} {r['compression_ratio']:>6.2f} {r['perplexity']:>10.3f} "
+            f"{policy_label(r):<{width}} {r['compression_ratio']:>6.2f} {r['perplexity']:>10.3f} "
             f"{r['perplexity_full']:>8.3f} {r['perplexity_increase']:>+9.2%} "
             f"{r['needle_accuracy']:>7.0%} {r['needle_accuracy_full']:>5.0%} "
             f"{r['greedy_agreement']:>7.1%}"
@@ -122,29 +192,43 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from minicache_worker.evaluation import EvalSettings, Evaluator
+    """Evaluate every policy; see EVAL_EXIT_STATUS for what the status means."""
+    from minicache_worker.evaluation import EvalSettings, Evaluator, evaluate_each, policy_label
     from minicache_worker.models import load_model
 
     policies = _policies(args.policy)
     settings = EvalSettings(**{f.name: getattr(args, f.name) for f in fields(EvalSettings)})
-    _progress(f"loading {args.model}")
-    evaluator = Evaluator(load_model(args.model), settings)
-    results = []
-    for policy in policies:
-        _progress(f"evaluating {policy.name}")
-        results.append(evaluator.evaluate(policy))
-        _progress(format_table(results[-1:]).splitlines()[-1])
-    print(format_table(results))
-    if args.json:
-        _write_json(args.json, results[0] if len(results) == 1 else results)
-    if args.plot:
-        first = results[0]
-        write_plot(
-            [(r["policy"], r["compression_ratio"], r["perplexity_increase"]) for r in results],
-            args.plot,
-            f"{first['model']}: {first['context_tokens']}-token prefix, held-out essays",
+    with _console_logging():
+        log.info("loading %s", args.model)
+        lm = load_model(args.model)
+        shape = lm.shape
+        log.info(
+            "%s: %d layers, %d KV heads of %d",
+            args.model,
+            shape.num_layers,
+            shape.kv_heads,
+            shape.head_dim,
         )
-    return 0
+        evaluator = Evaluator(lm, settings, TerminalBars(args.progress))
+        results = evaluate_each(evaluator, policies)
+        print(format_table(results))
+        if args.json:
+            _write_json(args.json, results[0] if len(results) == 1 else results)
+        ran = [r for r in results if "error" not in r]
+        if args.plot and ran:
+            first = ran[0]
+            write_plot(
+                [(policy_label(r), r["compression_ratio"], r["perplexity_increase"]) for r in ran],
+                args.plot,
+                f"{first['model']}: {first['context_tokens']}-token prefix, held-out essays",
+            )
+        elif args.plot:
+            log.warning("no policy ran: %s not written", args.plot)
+        failed = [r["policy"] for r in results if "error" in r]
+        if failed:
+            log.error("%d of %d policies failed: %s", len(failed), len(results), ", ".join(failed))
+            return EXIT_POLICY_FAILED
+    return EXIT_OK
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
@@ -156,31 +240,35 @@ def run_calibrate(args: argparse.Namespace) -> int:
         merge_kinds=tuple(kind.strip() for kind in args.merge_kinds.split(",")),
         quantization_only=args.quantization_only,
     )
-    _progress(f"loading {args.model}")
-    report = calibrate(load_model(args.model), settings, _progress)
-    policy = calibrated_policy(report, args.name)
-    _write_json(args.out, policy.to_dict())
-    if args.report:
-        _write_json(args.report, report.to_dict())
-    if args.plot:
-        write_plot(
-            [(m.label, m.compression_ratio, m.cost) for m in report.quantization],
-            args.plot,
-            f"calibration on {report.model}: quantization candidates and greedy steps",
-            [(m.compression_ratio, m.cost) for m in report.path],
-        )
+    with _console_logging():
+        log.info("loading %s", args.model)
+        report = calibrate(load_model(args.model), settings, TerminalBars(args.progress))
+        policy = calibrated_policy(report, args.name)
+        _write_json(args.out, policy.to_dict())
+        if args.report:
+            _write_json(args.report, report.to_dict())
+        if args.plot:
+            write_plot(
+                [(m.label, m.compression_ratio, m.cost) for m in report.quantization],
+                args.plot,
+                f"calibration on {report.model}: quantization candidates and greedy steps",
+                [(m.compression_ratio, m.cost) for m in report.path],
+            )
+    shape = report.shape
     print(
         f"{args.out}: cost {report.best.cost:+.2%} (budget {settings.budget:.2%}), "
         f"compression ratio {report.best.compression_ratio:.2f} on calibration text, "
-        f"{len(report.best.policy.merge.pairs) if report.best.policy.merge else 0} merged pairs"
+        f"{len(report.best.policy.merge.pairs) if report.best.policy.merge else 0} merged pairs; "
+        f"for models of {shape.num_layers} layers x {shape.kv_heads} KV heads x "
+        f"{shape.head_dim} only"
     )
-    return 0
+    return EXIT_OK
 
 
 def run_serve(args: argparse.Namespace) -> int:
     """Serve until SIGTERM or SIGINT, then drain: health NOT_SERVING at once, waiting
     turns refused, the running turn given MINICACHE_WORKER_GRACE_S to finish."""
-    from minicache_server.logs import configure_logging
+    from minicache_client.serving.logs import configure_logging
     from minicache_worker.worker_service import start_worker
     from minicache_worker.worker_settings import settings_from
 
@@ -203,15 +291,30 @@ def run_serve(args: argparse.Namespace) -> int:
 def _add_settings(
     parser: argparse.ArgumentParser, settings: type, names: tuple[str, ...] | None = None
 ) -> None:
-    """One flag per numeric field of a settings dataclass, defaulting to its default."""
+    """One flag per numeric field of a settings dataclass, defaulting to its default,
+    with the help text in the field's metadata."""
     for field in fields(settings):
         if names is None or field.name in names:
+            help_text = field.metadata["help"].replace("%", "%%")
             parser.add_argument(
                 f"--{field.name.replace('_', '-')}",
                 type=type(field.default),
                 default=field.default,
                 dest=field.name,
+                metavar=field.type.upper() if isinstance(field.type, str) else None,
+                help=f"{help_text} (default: %(default)s)",
             )
+
+
+def _add_progress(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--progress",
+        choices=tuple(PROGRESS_MODES),
+        default="auto",
+        help="progress bars on stderr, one per phase, with an ETA: auto draws them only "
+        "when stderr is a terminal, always also into a pipe or file, never not at all; "
+        "log lines go to stderr either way (default: %(default)s)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,7 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     from minicache_worker.evaluation import EvalSettings
     from minicache_worker.worker_settings import settings_parser
 
-    parser = argparse.ArgumentParser(prog="minicache-worker", description=__doc__.split("\n")[0])
+    summary, _, usage = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(
+        prog="minicache-worker",
+        description=" ".join(summary.split()),
+        epilog="examples:\n" + usage,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser(
@@ -238,38 +347,93 @@ def build_parser() -> argparse.ArgumentParser:
     demo_module.add_arguments(demo)
     demo.set_defaults(handler=demo_module.run)
 
-    model_help = "bundled model name (smollm2), a local .gguf file or a local HF model directory"
-    evaluate = commands.add_parser("eval", help="measure what policies cost in accuracy")
+    model_help = (
+        "the model: the bundled model's name (smollm2), a local .gguf file or a local "
+        "Hugging Face model directory (default: %(default)s)"
+    )
+    evaluate = commands.add_parser(
+        "eval",
+        help="measure what policies cost in accuracy",
+        description="Measure what each policy costs in perplexity, passkey retrieval and "
+        "greedy agreement against the full cache, on held-out essays. Each policy is "
+        f"resolved for the model first: 'default' runs as {FALLBACK_POLICY} on a model it "
+        "was not calibrated for (the row shows both names), and a policy that does not fit "
+        "the model becomes an error row.",
+        epilog=EVAL_EXIT_STATUS,
+    )
     evaluate.add_argument("--model", default="smollm2", help=model_help)
     evaluate.add_argument(
         "--policy",
         action="append",
         required=True,
-        help="preset name, policy JSON file, or 'all'; repeat to compare several",
+        help="a preset name, a policy JSON file, or 'all' (every preset); repeat to compare "
+        f"several against one shared baseline (required; presets: {', '.join(PRESETS)})",
     )
-    evaluate.add_argument("--json", type=Path, help="write the results here")
-    evaluate.add_argument("--plot", type=Path, help="write a PNG of ratio vs perplexity increase")
+    evaluate.add_argument(
+        "--json",
+        type=Path,
+        metavar="PATH",
+        help="write the rows here: one object for one --policy, a list for several, error "
+        "rows included (default: not written)",
+    )
+    evaluate.add_argument(
+        "--plot",
+        type=Path,
+        metavar="PATH",
+        help="write a PNG of compression ratio against perplexity increase, one point per "
+        "policy that ran (needs matplotlib; default: not written)",
+    )
     _add_settings(evaluate, EvalSettings)
+    _add_progress(evaluate)
     evaluate.set_defaults(handler=run_eval)
 
-    cal = commands.add_parser("calibrate", help="build a policy within an accuracy budget")
+    cal = commands.add_parser(
+        "calibrate",
+        help="build a policy within an accuracy budget",
+        description="Measure candidate quantizations, merges and per-layer bit widths on "
+        "calibration text and write the policy with the highest compression ratio within "
+        "the perplexity budget. The policy records the model's shape (calibrated_for) and "
+        "is refused for models of any other shape.",
+    )
     cal.add_argument("--model", default="smollm2", help=model_help)
-    cal.add_argument("--out", type=Path, required=True, help="where to write the policy JSON")
-    cal.add_argument("--report", type=Path, help="write every measurement here")
-    cal.add_argument("--name", default="calibrated", help="name of the written policy")
-    cal.add_argument("--plot", type=Path, help="write a PNG of the candidates and the search")
+    cal.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="PATH",
+        help="where to write the policy JSON (required)",
+    )
+    cal.add_argument(
+        "--report",
+        type=Path,
+        metavar="PATH",
+        help="write every measurement and the search path here as JSON (default: not written)",
+    )
+    cal.add_argument(
+        "--name", default="calibrated", help="name of the written policy (default: %(default)s)"
+    )
+    cal.add_argument(
+        "--plot",
+        type=Path,
+        metavar="PATH",
+        help="write a PNG of the quantization candidates and the greedy search "
+        "(needs matplotlib; default: not written)",
+    )
     cal.add_argument(
         "--merge-kinds",
         default=",".join(MERGE_KINDS),
-        help="which sides candidate merges merge: keys, values or keys,values",
+        help="which sides candidate merges merge: keys, values or keys,values "
+        "(default: %(default)s)",
     )
     cal.add_argument(
         "--quantization-only",
         action="store_true",
         help="only pick the best quantization candidate within the budget (minutes); "
-        "without it, per-pair merges and per-layer bit widths are searched too (an hour)",
+        "without it, per-pair merges and per-layer bit widths are searched too (about an "
+        "hour on two CPU cores for the bundled model; default: off)",
     )
     _add_settings(cal, CalibrationSettings, CALIBRATION_FLAGS)
+    _add_progress(cal)
     cal.set_defaults(handler=run_calibrate)
     return parser
 
@@ -282,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except (UnsupportedModelError, ValueError, OSError) as exc:
         print(f"minicache-worker: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

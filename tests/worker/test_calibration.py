@@ -10,9 +10,11 @@ from minicache_client.policy import (
     CompressionPolicy,
     LayerBits,
     MergePlan,
+    ModelShape,
     PairMerge,
     Quantization,
     load_policy,
+    policy_for_model,
 )
 from minicache_worker.calibration import (
     CalibrationScorer,
@@ -154,6 +156,12 @@ def test_small_calibration_returns_the_best_policy_within_budget(lm, tmp_path) -
     path.write_text(policy.to_json())
     assert load_policy(str(path)) == policy
     assert "budget 5.00%" in policy.description
+    # Applied to its own model only.
+    assert policy.calibrated_for == lm.shape == ModelShape(30, 3, 64)
+    assert report.to_dict()["shape"] == {"num_layers": 30, "kv_heads": 3, "head_dim": 64}
+    assert policy_for_model(policy, lm.shape) is policy
+    with pytest.raises(ValueError, match="calibrated for 30 layers"):
+        policy_for_model(policy, ModelShape(30, 3, 32))
 
 
 @pytest.mark.model

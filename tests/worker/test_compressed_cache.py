@@ -103,7 +103,7 @@ def test_batch_of_two_and_crop_are_refused(lm) -> None:
 
 
 def test_cache_has_one_layer_per_model_layer() -> None:
-    from minicache_server.compression import SequenceEncoder
+    from minicache_client.sequence_encoder import SequenceEncoder
 
     store = SequenceEncoder(PRESETS["none"], num_layers=4, kv_heads=1, head_dim=8, dtype="float16")
     cache = CompressedCache(store, 4)

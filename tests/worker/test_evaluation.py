@@ -88,6 +88,7 @@ def test_eval_command_writes_json_table_and_plot(lm, monkeypatch, tmp_path: Path
     assert code == 0
     results = json.loads(out.read_text())
     assert [r["policy"] for r in results] == ["none", "kivi4"]
+    assert [r["resolved_policy"] for r in results] == ["none", "kivi4"]  # both fit the model
     assert all(r.keys() >= REQUIRED_FIELDS for r in results)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = capsys.readouterr().out
