@@ -182,7 +182,7 @@ class KiviStream(Codec):
             size = count // blocks
             first = self.quantized_tokens - count
             ends = first + size * xp.arange(1, blocks + 1, dtype=xp.int64)
-            self.block_ends = xp.concatenate([self.block_ends, ends])
+            self.block_ends = concat_tokens(self.block_ends, ends, axis=0)
         self.tail = self.tail[:, count:].copy()
 
     # -- decoding -------------------------------------------------------------------
@@ -241,7 +241,7 @@ class KiviStream(Codec):
                 yield part, lo - first, hi - first, lo - start
 
     def restore(self, which: int, start: int, end: int, dtype: str) -> Any:
-        xp = array_namespace(self.codes)
+        xp = array_namespace(self.codes, self.sink, self.tail)
         out = xp.empty((self.kv_heads, end - start, self.head_dim), dtype=CARRIER_DTYPES[dtype])
         for part, lo, hi, at in self._pieces(start, end):
             if part == "codes":
@@ -265,19 +265,28 @@ class KiviStream(Codec):
         )
         for part in (self.sink, self.tail):
             check_stored(
-                part.ndim == 3 and part.shape[0] == heads and part.shape[2] == dim,
-                "exact tokens have the wrong shape",
+                part.ndim == 3
+                and part.shape[0] == heads
+                and part.shape[2] == dim
+                and part.dtype == CARRIER_DTYPES[self.dtype],
+                "exact tokens have the wrong shape or dtype",
             )
         quantized = self.quantized_tokens
         check_stored(
-            self.codes.shape == (heads, quantized, row_bytes(dim, self.bits)),
-            "codes have the wrong shape",
+            self.codes.shape == (heads, quantized, row_bytes(dim, self.bits))
+            and self.codes.dtype.name == "uint8",
+            "codes have the wrong shape or dtype",
         )
-        check_stored(self.scale.shape == self.center.shape, "scale and center disagree")
+        check_stored(
+            self.scale.shape == self.center.shape
+            and {self.scale.dtype.name, self.center.dtype.name} <= {"float16", "float32"},
+            "scale and center disagree",
+        )
         if self.mode == "per_channel":
             ends = self.block_ends
             check_stored(
-                self.scale.shape == (heads, ends.shape[0], dim), "statistics disagree with blocks"
+                self.scale.shape == (heads, ends.shape[0], dim) and ends.dtype.kind in "iu",
+                "statistics disagree with blocks",
             )
             steps = array_namespace(ends).diff(ends, prepend=0)
             check_stored(

@@ -99,7 +99,7 @@ class MergedPair(Codec):
         direction `shared` (which both layers read: never modified)."""
 
     def _layers(self, whiches: Sequence[int], start: int, end: int, dtype: str) -> list[Any]:
-        xp = array_namespace(self.recent)
+        xp = array_namespace(self.recent, *self.direction.arrays())
         boundary = self.merged_tokens
         merged_end = min(end, boundary)
         shared = prepared = None

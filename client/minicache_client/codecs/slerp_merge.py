@@ -147,7 +147,8 @@ class SlerpMerge(MergedPair):
         if self.threshold is None:
             self.threshold = distance_threshold(distances, retention)
         mask = retained_mask(distances, self.threshold, retention, first_token)
-        heads, tokens = xp.nonzero(mask)
+        # Token-major order: units stored in the same order however the tokens arrived.
+        tokens, heads = xp.nonzero(mask.T)
         if heads.size:
             self.retained_heads = concat_tokens(self.retained_heads, heads.astype(xp.int16), axis=0)
             self.retained_tokens = concat_tokens(
@@ -184,7 +185,9 @@ class SlerpMerge(MergedPair):
         )
         count = self.retained_count
         check_stored(
-            self.retained_heads.shape == (count,)
+            self.retained_heads.shape == self.retained_tokens.shape == (count,)
+            and self.retained_heads.dtype.kind in "iu"
+            and self.retained_tokens.dtype.kind in "iu"
             and self.retained.shape == (2, count, self.head_dim)
             and self.retained.dtype == self.recent.dtype,
             "retained tokens disagree with their positions",
