@@ -62,10 +62,14 @@ def test_gpu_encode_and_restore_match_the_host(cupy, policy: str) -> None:
                 (values, host_values, byte_values),
             ):
                 got = cupy.asnumpy(got)
-                np.testing.assert_array_equal(got, decoded)
                 if policy in EXACT:
                     np.testing.assert_array_equal(got, want)
-                else:  # transcendental functions may differ in the last bit
+                    np.testing.assert_array_equal(got, decoded)
+                    continue
+                # Transcendental functions and reductions may differ in the last bit
+                # between devices (and so between the device's restore and the host's
+                # restore of the same bytes).
+                for other in (want, decoded):
                     np.testing.assert_allclose(
-                        got.astype(np.float32), want.astype(np.float32), rtol=2e-2, atol=2e-2
+                        got.astype(np.float32), other.astype(np.float32), rtol=2e-2, atol=2e-2
                     )
