@@ -7,12 +7,24 @@ from __future__ import annotations
 
 import numpy as np
 
-from minicache_client.array_namespace import CARRIER_DTYPES, narrow_from_float32, widen_to_float32
+from minicache_client.array_namespace import (
+    CARRIER_DTYPES,
+    KV_DTYPES,
+    narrow_from_float32,
+    widen_to_float32,
+)
 
-KV_DTYPES = ("float32", "float16", "bfloat16")
+__all__ = [
+    "KV_DTYPES",
+    "as_float32",
+    "assert_bit_equal",
+    "bits_of",
+    "finite_bit_patterns",
+    "random_kv",
+]
 
 # Unsigned integer views, for bit-exact comparisons (-0.0 and NaN payloads included).
-_BIT_VIEWS = {2: np.uint16, 4: np.uint32}
+_BIT_VIEWS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 def random_kv(
@@ -45,7 +57,7 @@ def as_float32(carrier: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def bits_of(array: np.ndarray) -> np.ndarray:
-    """The raw bit patterns of a float16/float32/uint16 array."""
+    """The raw bit patterns of an array of floats or unsigned integers."""
     array = np.ascontiguousarray(array)
     return array.view(_BIT_VIEWS[array.dtype.itemsize])
 

@@ -7,7 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minicache_client.bit_packing import pack_codes, packed_size, unpack_codes
+from minicache_client.bit_packing import (
+    code_offsets,
+    pack_codes,
+    pack_rows,
+    packed_size,
+    row_bytes,
+    unpack_codes,
+)
 
 BITS = (2, 3, 4, 8)
 
@@ -100,3 +107,37 @@ def test_wrong_buffer_size_raises(bits: int, delta: int) -> None:
 def test_empty_buffer_for_nonzero_count_raises() -> None:
     with pytest.raises(ValueError):
         unpack_codes(np.zeros(0, dtype=np.uint8), 3, 1)
+
+
+# -- packed rows (one per head and token of quantized KV) --------------------------------
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.sampled_from(BITS),
+    st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(1, 70)),
+    st.integers(0, 2**32 - 1),
+)
+def test_packed_rows_read_back_as_offsets_from_the_middle_code(
+    bits: int, shape: tuple[int, int, int], seed: int
+) -> None:
+    codes = np.random.default_rng(seed).integers(0, 1 << bits, size=shape, dtype=np.uint8)
+    packed = pack_rows(codes, bits)
+    head_dim = shape[-1]
+    assert packed.dtype == np.uint8
+    assert packed.shape == (*shape[:-1], row_bytes(head_dim, bits))
+    offsets = code_offsets(packed, bits, head_dim)
+    assert offsets.dtype == np.float32 and offsets.shape == shape
+    np.testing.assert_array_equal(offsets, codes - ((1 << bits) - 1) / 2)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize(("head_dim", "codes_per_row"), [(1, 8), (8, 8), (12, 16), (64, 64)])
+def test_every_row_is_padded_to_whole_bytes(bits: int, head_dim: int, codes_per_row: int) -> None:
+    assert row_bytes(head_dim, bits) == codes_per_row * bits // 8
+    codes = np.full((2, head_dim), (1 << bits) - 1, dtype=np.uint8)
+    packed = pack_rows(codes, bits)
+    # Each row is the bit stream of its own codes, then zero padding.
+    np.testing.assert_array_equal(
+        packed[1], pack_codes(np.pad(codes[1], (0, codes_per_row - head_dim)), bits)
+    )

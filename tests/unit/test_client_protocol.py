@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from kv_samples import random_kv
 
-from minicache_client.entry import LayerGroupEntry, TokenStream, encode_entry
+from minicache_client.codecs import RawStream
+from minicache_client.entry import LayerGroupEntry, encode_entry
 from minicache_client.errors import (
     CorruptDataError,
     FailedPreconditionError,
@@ -272,8 +273,8 @@ def plain_entry(layers, group: tuple[int, ...], dtype: str) -> LayerGroupEntry:
         dtype=dtype,
         kv_heads=HEADS,
         head_dim=DIM,
-        keys=[TokenStream(HEADS, DIM, dtype, tail=layers[layer][0]) for layer in group],
-        values=[TokenStream(HEADS, DIM, dtype, tail=layers[layer][1]) for layer in group],
+        keys=[RawStream(HEADS, DIM, dtype, values=layers[layer][0]) for layer in group],
+        values=[RawStream(HEADS, DIM, dtype, values=layers[layer][1]) for layer in group],
     )
 
 

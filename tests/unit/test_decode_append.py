@@ -1,8 +1,10 @@
-"""Decode-append equivalence: appending token by token stores what one chunk stores.
+"""Decode-append equivalence through `SequenceEncoder`, for whole policies: after the
+same first put, appending token by token stores exactly what one chunk stores.
 
-History is never re-merged: the retention threshold comes from the first put, merged
-tokens are independent of each other, and quantized blocks form at the same token
-positions however the tokens arrive (design.md §3, "Decoding").
+History is never re-merged: the retention threshold comes from the first merged chunk,
+merged tokens are independent of each other, and quantized blocks form at the same
+token positions however the tokens arrive (design.md §3, "Decoding"). The codec matrix
+(test_codec_matrix.py) checks the same codec by codec.
 """
 
 from __future__ import annotations
@@ -11,18 +13,18 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kv_samples import as_float32, random_kv
+from kv_samples import assert_bit_equal, random_kv
 
-from minicache_client.entry import MergedStream
+from minicache_client.codecs import SlerpMerge
+from minicache_client.entry import encode_entry
 from minicache_client.policy import (
-    PRESETS,
     CompressionPolicy,
     MergePlan,
     PairMerge,
     Quantization,
     Retention,
 )
-from minicache_server.compression import SequenceEncoder
+from minicache_client.sequence_encoder import SequenceEncoder
 
 NUM_LAYERS, HEADS, DIM = 4, 2, 16
 
@@ -80,31 +82,33 @@ def put_tokens(encoder: SequenceEncoder, layers, start: int, end: int) -> None:
         encoder.put_layer(layer, keys[:, start:end], values[:, start:end])
 
 
-def retained_positions(encoder: SequenceEncoder) -> list:
-    positions = []
-    for entry in encoder.entries:
-        for side in (entry.keys, entry.values):
-            if isinstance(side, MergedStream) and side.retained_count:
-                positions.append(
-                    sorted(
-                        zip(
-                            side.retained_heads.tolist(), side.retained_tokens.tolist(), strict=True
-                        )
-                    )
-                )
-            else:
-                positions.append([])
-    return positions
+def merged_pairs(encoder: SequenceEncoder) -> list[SlerpMerge]:
+    return [
+        codec
+        for entry in encoder.entries
+        for codec in entry.codecs()
+        if isinstance(codec, SlerpMerge)
+    ]
 
 
-def assert_same_restore(first: SequenceEncoder, second: SequenceEncoder, dtype: str) -> None:
+def retained_positions(encoder: SequenceEncoder) -> list[list[tuple[int, int]]]:
+    return [
+        list(zip(pair.retained_heads.tolist(), pair.retained_tokens.tolist(), strict=True))
+        for pair in merged_pairs(encoder)
+    ]
+
+
+def assert_same_store(first: SequenceEncoder, second: SequenceEncoder) -> None:
+    """The same encodings, so the same restores."""
     assert [e.tokens for e in first.entries] == [e.tokens for e in second.entries]
     assert [e.frozen_tokens for e in first.entries] == [e.frozen_tokens for e in second.entries]
-    for layer in range(NUM_LAYERS):
-        for a, b in zip(first.restore_layer(layer), second.restore_layer(layer), strict=True):
-            np.testing.assert_allclose(
-                as_float32(a, dtype), as_float32(b, dtype), rtol=1e-6, atol=1e-6
-            )
+    for a, b in zip(first.entries, second.entries, strict=True):
+        assert encode_entry(a) == encode_entry(b)
+    for (a_keys, a_values), (b_keys, b_values) in zip(
+        first.restore_all(), second.restore_all(), strict=True
+    ):
+        assert_bit_equal(a_keys, b_keys)
+        assert_bit_equal(a_values, b_values)
 
 
 @pytest.mark.parametrize("name", sorted(DECODE_POLICIES))
@@ -127,10 +131,10 @@ def test_token_by_token_equals_one_chunk(
         put_tokens(stepwise, layers, token, token + 1)
     put_tokens(chunked, layers, prefix, prefix + decoded)
     assert retained_positions(stepwise) == retained_positions(chunked)
-    assert_same_restore(stepwise, chunked, dtype)
+    assert_same_store(stepwise, chunked)
     for encoder in (stepwise, chunked):
         encoder.seal()
-    assert_same_restore(stepwise, chunked, dtype)
+    assert_same_store(stepwise, chunked)
 
 
 @pytest.mark.parametrize("name", ["paper_like", "fraction_least", "average"])
@@ -146,14 +150,11 @@ def test_whole_sequence_with_the_prefix_threshold_equals_prefix_then_tokens(
     for token in range(prefix, prefix + decoded):
         put_tokens(stepwise, layers, token, token + 1)
     whole = new_encoder(policy, "float16")
-    for mine, theirs in zip(whole.entries, stepwise.entries, strict=True):
-        for kind in ("keys", "values"):
-            side = getattr(mine, kind)
-            if isinstance(side, MergedStream):
-                side.threshold = getattr(theirs, kind).threshold
+    for mine, theirs in zip(merged_pairs(whole), merged_pairs(stepwise), strict=True):
+        mine.threshold = theirs.threshold
     put_tokens(whole, layers, 0, prefix + decoded)
     assert retained_positions(whole) == retained_positions(stepwise)
-    assert_same_restore(whole, stepwise, "float16")
+    assert_same_store(whole, stepwise)
 
 
 def test_the_threshold_really_comes_from_the_prefix() -> None:
@@ -166,17 +167,3 @@ def test_the_threshold_really_comes_from_the_prefix() -> None:
         put_tokens(stepwise, layers, token, token + 1)
     put_tokens(whole, layers, 0, 40)
     assert retained_positions(whole) != retained_positions(stepwise)
-
-
-def test_decode_appends_after_seal_restore_every_token() -> None:
-    policy = PRESETS["paper_kivi4"]
-    layers = sample_layers(1, 50, "float16")
-    encoder = new_encoder(policy, "float16")
-    put_tokens(encoder, layers, 0, 37)
-    encoder.seal()
-    for token in range(37, 50):
-        put_tokens(encoder, layers, token, token + 1)
-    for layer in range(NUM_LAYERS):
-        keys, values = encoder.restore_layer(layer)
-        assert keys.shape == values.shape == (HEADS, 50, DIM)
-        assert np.isfinite(keys).all() and np.isfinite(values).all()

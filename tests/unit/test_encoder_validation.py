@@ -8,7 +8,7 @@ import pytest
 from kv_samples import assert_bit_equal, random_kv
 
 from minicache_client.policy import PRESETS, LayerGroup, PairMerge, Quantization
-from minicache_server.compression import LayerGroupEncoder, SequenceEncoder
+from minicache_client.sequence_encoder import LayerGroupEncoder, SequenceEncoder, check_finite
 
 HEADS, DIM = 2, 8
 
@@ -59,6 +59,26 @@ def test_nan_and_inf_are_rejected(dtype: str, special: float) -> None:
     with pytest.raises(ValueError, match="layer 5 values contains NaN or Inf"):
         encoder.append([kv(dtype), kv(dtype)], [kv(dtype), bad])
     assert encoder.entry.tokens == 0
+
+
+@pytest.mark.parametrize(
+    ("dtype", "largest", "special"),
+    [
+        ("float32", np.array([3.4028235e38, -3.4028235e38], np.float32), np.float32(np.inf)),
+        ("float16", np.array([65504, -65504], np.float16), np.float16(np.nan)),
+        ("bfloat16", np.array([0x7F7F, 0xFF7F], np.uint16), np.uint16(0xFF80)),
+    ],
+)
+def test_check_finite_reads_the_exponent_bits_of_each_carrier(
+    dtype: str, largest: np.ndarray, special
+) -> None:
+    check_finite(largest, dtype, "edge")
+    check_finite(largest[:0], dtype, "empty")
+    strided = np.stack([largest, largest])[:, ::-1]
+    check_finite(strided, dtype, "strided")
+    strided[1, 0] = special
+    with pytest.raises(ValueError, match="strided contains NaN or Inf"):
+        check_finite(strided, dtype, "strided")
 
 
 @pytest.mark.parametrize("pattern", [0x7F80, 0xFF80, 0x7FC0, 0xFF81, 0x7F81, 0xFFFF])
@@ -141,8 +161,9 @@ def test_layer_out_of_range(layer: int) -> None:
 def test_same_layer_twice_before_its_partner(layer: int) -> None:
     encoder = sequence()
     encoder.put_layer(layer, kv(), kv())
-    partner = 7 - layer
-    with pytest.raises(ValueError, match=f"layer {layer} was sent twice before layer {partner}"):
+    with pytest.raises(
+        ValueError, match=rf"layer {layer} was sent twice before the rest of \(3, 4\)"
+    ):
         encoder.put_layer(layer, kv(), kv())
 
 
@@ -151,7 +172,7 @@ def test_partner_with_a_different_token_count() -> None:
     encoder.put_layer(3, kv(tokens=3), kv(tokens=3))
     with pytest.raises(
         ValueError,
-        match=r"layers \(3, 4\) of a merged pair carry different token counts \(3 and 5\)",
+        match=r"layers \(3, 4\) of one group carry different token counts \(\[3, 5\]\)",
     ):
         encoder.put_layer(4, kv(tokens=5), kv(tokens=5))
     assert encoder.entry_for(3).tokens == 0
@@ -160,7 +181,7 @@ def test_partner_with_a_different_token_count() -> None:
 def test_seal_with_a_pending_layer() -> None:
     encoder = sequence()
     encoder.put_layer(4, kv(), kv())
-    with pytest.raises(ValueError, match=r"layers \[4\] still wait for their pair partner"):
+    with pytest.raises(ValueError, match=r"layers \[4\] still wait for their group"):
         encoder.seal()
     encoder.put_layer(3, kv(), kv())
     encoder.seal()

@@ -1,5 +1,6 @@
-"""KIVI-style quantization: error bounds, statistics layout, 16-bit sink and window,
-block formation, seal() and frozen tokens."""
+"""KIVI-style quantization (`codecs/kivi.py`): error bounds, the stored layout, exact
+sink and window, block formation, seal(). Chunking, round trips and frozen tokens of
+every configuration are in the codec matrix (test_codec_matrix.py)."""
 
 from __future__ import annotations
 
@@ -10,19 +11,35 @@ from hypothesis import strategies as st
 from kv_samples import as_float32, assert_bit_equal, random_kv
 
 from minicache_client.array_namespace import narrow_from_float32
-from minicache_client.entry import TokenStream
-from minicache_client.policy import LayerBits, LayerGroup, PairMerge, Quantization, Retention
-from minicache_client.restore import dequantize_block, restore_layer
-from minicache_server.compression.layer_group_encoder import LayerGroupEncoder
-from minicache_server.compression.quantization import quantize_block
+from minicache_client.bit_packing import row_bytes
+from minicache_client.codecs import KiviStream
+from minicache_client.codecs.kivi import quantize_blocks
+from minicache_client.policy import LayerBits, LayerGroup, PairMerge, Quantization
+from minicache_client.restore import restore_layer
+from minicache_client.sequence_encoder import LayerGroupEncoder
 
 BITS = (2, 3, 4, 8)
 MODES = ("per_channel", "per_token")
 
 
-def stream_for(block_shape, bits: int, mode: str, group_size: int) -> TokenStream:
-    heads, _, dim = block_shape
-    return TokenStream(heads, dim, "float16", bits=bits, mode=mode, group_size=group_size)
+def quantized(block: np.ndarray, bits: int, mode: str, group_size: int) -> KiviStream:
+    """`block` (float32 `[heads, tokens, head_dim]`) quantized as one block."""
+    heads, tokens, dim = block.shape
+    stream = KiviStream(
+        heads, dim, "float32", bits=bits, mode=mode, group_size=group_size, block_tokens=tokens
+    )
+    stream.append([block])
+    stream.seal()
+    assert stream.quantized_tokens == tokens
+    return stream
+
+
+def restored(stream: KiviStream) -> np.ndarray:
+    return stream.restore_float32(0, 0, stream.tokens)
+
+
+def block_sizes(stream: KiviStream) -> list[int]:
+    return np.diff(stream.block_ends, prepend=0).tolist()
 
 
 def group_ranges(block: np.ndarray, mode: str, group_size: int):
@@ -38,8 +55,8 @@ def group_ranges(block: np.ndarray, mode: str, group_size: int):
     return low.reshape(block.shape), high.reshape(block.shape)
 
 
-def stored_scale(quantized, mode: str, shape, group_size: int) -> np.ndarray:
-    scale = quantized.scale.astype(np.float64)
+def stored_scale(stream: KiviStream, mode: str, shape, group_size: int) -> np.ndarray:
+    scale = stream.scale.astype(np.float64)
     if mode == "per_channel":
         return np.broadcast_to(scale, shape)
     return np.repeat(scale, group_size, axis=-1)
@@ -61,12 +78,12 @@ def test_error_is_at_most_half_a_step_per_group(
     group_size = min(group_size, shape[2])
     rng = np.random.default_rng(seed)
     block = (rng.standard_normal(shape) * scale + offset).astype(np.float32)
-    quantized = quantize_block(block, bits, mode, group_size)
-    restored = dequantize_block(quantized, stream_for(shape, bits, mode, group_size))
-    assert restored.shape == shape and restored.dtype == np.float32
-    error = np.abs(block.astype(np.float64) - restored)
+    stream = quantized(block, bits, mode, group_size)
+    result = restored(stream)
+    assert result.shape == shape and result.dtype == np.float32
+    error = np.abs(block.astype(np.float64) - result)
     low, high = group_ranges(block.astype(np.float64), mode, group_size)
-    step = stored_scale(quantized, mode, shape, group_size)
+    step = stored_scale(stream, mode, shape, group_size)
     # float16 statistics: half an ulp of the center, and of the scale, per level.
     levels = (1 << bits) - 1
     slack = 2.0**-11 * (np.abs(low) + (high - low)) + levels * 2.0**-25 + 1e-6 * np.abs(high)
@@ -80,44 +97,65 @@ def test_more_bits_give_smaller_errors(bits: int) -> None:
     block = np.random.default_rng(bits).standard_normal((2, 32, 32)).astype(np.float32)
     errors = {}
     for b in BITS:
-        quantized = quantize_block(block, b, "per_token", 32)
-        errors[b] = np.abs(
-            dequantize_block(quantized, stream_for(block.shape, b, "per_token", 32)) - block
-        ).max()
+        errors[b] = np.abs(restored(quantized(block, b, "per_token", 32)) - block).max()
     assert errors[2] > errors[3] > errors[4] > errors[8]
 
 
 @pytest.mark.parametrize("bits", BITS)
-def test_statistics_layout(bits: int) -> None:
-    block = np.random.default_rng(0).standard_normal((3, 12, 32)).astype(np.float32)
-    per_channel = quantize_block(block, bits, "per_channel", 12)
-    assert per_channel.scale.shape == per_channel.center.shape == (3, 1, 32)
-    per_token = quantize_block(block, bits, "per_token", 8)
-    assert per_token.scale.shape == per_token.center.shape == (3, 12, 4)
-    for quantized in (per_channel, per_token):
-        assert quantized.tokens == 12
-        assert quantized.scale.dtype == np.float16
-        assert quantized.codes.dtype == np.uint8
-        assert quantized.codes.size == (3 * 12 * 32 * bits + 7) // 8
+def test_stored_layout(bits: int) -> None:
+    block = np.random.default_rng(0).standard_normal((3, 24, 32)).astype(np.float32)
+    codes, scale, center = quantize_blocks(block, bits, "per_channel", 32, 12)
+    assert scale.shape == center.shape == (3, 2, 32)  # two blocks of 12 tokens
+    for group_size in (8, 32):
+        per_token = quantize_blocks(block, bits, "per_token", group_size, 12)
+        assert per_token[1].shape == per_token[2].shape == (3, 24, 32 // group_size)
+        assert per_token[0].shape == codes.shape
+    assert scale.dtype == center.dtype == np.float16
+    # One packed row per (head, token).
+    assert codes.dtype == np.uint8
+    assert codes.shape == (3, 24, row_bytes(32, bits)) == (3, 24, 4 * bits)
+    partial = quantize_blocks(block[:, :5], bits, "per_channel", 32, 12)
+    assert partial[1].shape == (3, 1, 32)
+
+
+def test_a_stream_records_where_each_block_ends() -> None:
+    block = np.random.default_rng(1).standard_normal((2, 40, 16)).astype(np.float32)
+    stream = KiviStream(2, 16, "float32", bits=4, mode="per_channel", block_tokens=16)
+    stream.append([block])
+    assert stream.block_ends.tolist() == [16, 32] and stream.tail.shape[1] == 8
+    stream.seal()
+    assert stream.block_ends.tolist() == [16, 32, 40] and stream.tail.shape[1] == 0
+    assert stream.scale.shape == (2, 3, 16) and stream.codes.shape == (2, 40, 8)
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("value", [0.0, -3.5, 1234.0, 2.0**-20])
 def test_constant_input_is_exact(mode: str, value: float) -> None:
     block = np.full((2, 5, 16), value, dtype=np.float32)
-    quantized = quantize_block(block, 2, mode, 8)
-    restored = dequantize_block(quantized, stream_for(block.shape, 2, mode, 8))
-    np.testing.assert_array_equal(restored, block)
+    np.testing.assert_array_equal(restored(quantized(block, 2, mode, 8)), block)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_statistics_beyond_float16_range_fall_back_to_float32() -> None:
     block = np.array([[[-1e6, 0.0], [1e6, 5e5]]], dtype=np.float32)  # [1, 2, 2]
-    quantized = quantize_block(block, 8, "per_channel", 2)
-    assert quantized.scale.dtype == np.float32 or quantized.center.dtype == np.float32
-    restored = dequantize_block(quantized, stream_for(block.shape, 8, "per_channel", 2))
-    assert np.isfinite(restored).all()
-    assert np.abs(restored - block).max() <= 2e6 / 255 / 2 * 1.01
+    _, scale, center = quantize_blocks(block, 8, "per_channel", 2, 2)
+    assert scale.dtype == np.float32 or center.dtype == np.float32
+    result = restored(quantized(block, 8, "per_channel", 2))
+    assert np.isfinite(result).all()
+    assert np.abs(result - block).max() <= 2e6 / 255 / 2 * 1.01
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"bits": 5}, r"bits must be one of \(2, 3, 4, 8\)"),
+        ({"group_size": 0}, "group_size must be >= 1"),
+        ({"group_size": 12}, "value_group_size 12 does not divide head_dim 32"),
+    ],
+)
+def test_bad_settings_are_refused(arguments: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        KiviStream(1, 32, "float16", **arguments)
 
 
 # -- through the encoder --------------------------------------------------------------------
@@ -191,12 +229,11 @@ def test_tail_keeps_tokens_older_than_the_window_until_a_block_forms() -> None:
     encoder = single_layer_encoder(quantization, heads=1, dim=16)
     for count in range(1, 61):
         append_tokens(encoder, keys[:, count - 1 : count], keys[:, count - 1 : count])
-        stream = encoder.entry.keys[0]
+        (stream,) = encoder.entry.keys
         after_sink = max(0, count - sink)
         expected_blocks = max(0, after_sink - window) // block
         assert stream.sink.shape[1] == min(count, sink)
-        assert len(stream.blocks) == expected_blocks
-        assert all(b.tokens == block for b in stream.blocks)
+        assert block_sizes(stream) == [block] * expected_blocks
         assert stream.tail.shape[1] == after_sink - expected_blocks * block
         assert stream.tokens == count
         assert encoder.entry.frozen_tokens == min(count, sink) + expected_blocks * block
@@ -210,16 +247,16 @@ def test_seal_quantizes_the_partial_block_and_later_appends_start_new_blocks() -
     keys = random_kv(rng, (1, 40, 16), "float16")
     encoder = single_layer_encoder(quantization, heads=1, dim=16)
     append_tokens(encoder, keys[:, :21], keys[:, :21])  # 2 sink, 15 ready, 4 window
-    stream = encoder.entry.keys[0]
-    assert [b.tokens for b in stream.blocks] == [8] and stream.tail.shape[1] == 11
+    (stream,) = encoder.entry.keys
+    assert block_sizes(stream) == [8] and stream.tail.shape[1] == 11
     encoder.seal()
-    assert [b.tokens for b in stream.blocks] == [8, 7] and stream.tail.shape[1] == 4
+    assert block_sizes(stream) == [8, 7] and stream.tail.shape[1] == 4
     assert encoder.entry.frozen_tokens == 17
     # Sealing again changes nothing; the window always stays 16-bit.
     encoder.seal()
-    assert [b.tokens for b in stream.blocks] == [8, 7] and stream.tail.shape[1] == 4
+    assert block_sizes(stream) == [8, 7] and stream.tail.shape[1] == 4
     append_tokens(encoder, keys[:, 21:], keys[:, 21:])  # 19 more: tail 23 → 2 blocks of 8
-    assert [b.tokens for b in stream.blocks] == [8, 7, 8, 8] and stream.tail.shape[1] == 7
+    assert block_sizes(stream) == [8, 7, 8, 8] and stream.tail.shape[1] == 7
     assert stream.tokens == 40
 
 
@@ -228,38 +265,8 @@ def test_seal_with_fewer_tokens_than_the_window_quantizes_nothing() -> None:
     keys = random_kv(np.random.default_rng(5), (1, 10, 32), "float16")
     append_tokens(encoder, keys, keys)
     encoder.seal()
-    assert encoder.entry.keys[0].blocks == []
+    assert encoder.entry.keys[0].quantized_tokens == 0
     assert_bit_equal(restore_layer(encoder.entry, 0)[0], keys)
-
-
-@pytest.mark.parametrize("merged", [False, True])
-def test_frozen_tokens_never_change_on_later_appends(merged: bool) -> None:
-    quantization = Quantization(3, 2, key_group_size=8, value_group_size=8, window=3, sink_tokens=1)
-    group = (
-        LayerGroup((0, 1), PairMerge(0, retention=Retention(gamma=0.1)))
-        if merged
-        else LayerGroup((0, 1))
-    )
-    encoder = LayerGroupEncoder(group, quantization, dtype="float16", kv_heads=2, head_dim=16)
-    rng = np.random.default_rng(6)
-    keys = [random_kv(rng, (2, 50, 16), "float16") for _ in range(2)]
-    values = [random_kv(rng, (2, 50, 16), "float16") for _ in range(2)]
-    history = []
-    for end in (5, 12, 13, 30, 31, 50):
-        start = encoder.entry.tokens
-        encoder.append([k[:, start:end] for k in keys], [v[:, start:end] for v in values])
-        frozen = encoder.entry.frozen_tokens
-        assert frozen <= encoder.entry.tokens == end
-        restored = [restore_layer(encoder.entry, layer) for layer in (0, 1)]
-        for old_frozen, old_restored in history:
-            for layer in (0, 1):
-                for kind in (0, 1):
-                    assert_bit_equal(
-                        restored[layer][kind][:, :old_frozen],
-                        old_restored[layer][kind][:, :old_frozen],
-                    )
-        history.append((frozen, restored))
-    assert history[-1][0] > history[0][0]
 
 
 def test_unquantized_entries_are_frozen_entirely() -> None:
@@ -311,7 +318,7 @@ def test_constant_kv_is_exact_through_the_encoder(dtype: str) -> None:
     values = np.full((2, 20, 16), keys[0, 0, 0], dtype=keys.dtype)
     append_tokens(encoder, keys, values)
     encoder.seal()
-    assert len(encoder.entry.keys[0].blocks) == 3
+    assert block_sizes(encoder.entry.keys[0]) == [8, 8, 4]
     restored_keys, restored_values = restore_layer(encoder.entry, 0)
     assert_bit_equal(restored_keys, keys)  # keys per channel: constant along tokens
     assert_bit_equal(restored_values, values)
@@ -323,5 +330,10 @@ def test_merged_pair_with_different_layer_bits_stores_the_wider_direction() -> N
     )
     pair = LayerGroup((0, 1), PairMerge(0, retention=None))
     encoder = LayerGroupEncoder(pair, quantization, dtype="float16", kv_heads=1, head_dim=16)
-    assert encoder.entry.keys.direction.bits == 4
-    assert encoder.entry.values.direction.bits == 3
+    (keys,), (values,) = encoder.entry.keys, encoder.entry.values
+    assert (keys.direction.name, keys.direction.bits, keys.direction.mode) == (
+        "kivi",
+        4,
+        "per_channel",
+    )
+    assert (values.direction.bits, values.direction.mode) == (3, "per_token")

@@ -1,4 +1,5 @@
-"""Token retention of merged pairs: which (head, token) units stay unmerged."""
+"""Token retention of merged SLERP pairs (`codecs/slerp_merge.py`): which (head, token)
+units stay unmerged, on inputs whose angles are known."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from minicache_client.codecs import SlerpMerge
+from minicache_client.codecs.slerp_merge import distance_threshold, retained_mask, slerp_merge
 from minicache_client.policy import LayerGroup, PairMerge, Retention
-from minicache_server.compression.layer_group_encoder import LayerGroupEncoder
-from minicache_server.compression.retention import distance_threshold, retained_mask
-from minicache_server.compression.slerp_merge import slerp_merge
+from minicache_client.sequence_encoder import LayerGroupEncoder
 
 SIDES = ("most_distinct", "least_distinct")
 
@@ -48,10 +49,14 @@ def encoder_for(retention: Retention | None, heads: int, head_dim: int, method: 
     )
 
 
-def stored_positions(side) -> set:
-    if side.retained_count == 0:
-        return set()
-    return set(zip(side.retained_heads.tolist(), side.retained_tokens.tolist(), strict=True))
+def stored_positions(sides: list) -> set:
+    (pair,) = sides
+    return set(zip(pair.retained_heads.tolist(), pair.retained_tokens.tolist(), strict=True))
+
+
+def merged(encoder: LayerGroupEncoder, kind: str = "keys") -> SlerpMerge:
+    (pair,) = getattr(encoder.entry, kind)
+    return pair
 
 
 # -- the two sides, on inputs whose distinct tokens are known -----------------------------
@@ -92,7 +97,7 @@ def test_normalisation_spans_all_heads_not_each_head(side: str) -> None:
     kept_heads = {head for head, _ in stored_positions(encoder.entry.keys)}
     assert kept_heads == ({1} if side == "most_distinct" else {0})
     # Within 0.12·2.0 = 0.24 rad of the extreme: three angles on one head.
-    assert encoder.entry.keys.retained_count == 3
+    assert merged(encoder).retained_count == 3
 
 
 @pytest.mark.parametrize("side", SIDES)
@@ -100,7 +105,7 @@ def test_retained_originals_are_the_right_vectors(side: str) -> None:
     x, y = pair_at_angles(KNOWN_ANGLES, seed=5)
     encoder = encoder_for(Retention(gamma=0.12, side=side), 2, 4)
     encoder.append([x, y], [x, y])
-    keys = encoder.entry.keys
+    keys = merged(encoder)
     heads, tokens = keys.retained_heads, keys.retained_tokens
     np.testing.assert_array_equal(keys.retained[0], x[heads, tokens])
     np.testing.assert_array_equal(keys.retained[1], y[heads, tokens])
@@ -197,7 +202,7 @@ def test_encoder_fraction_extremes(side: str, fraction: float) -> None:
     x, y = (rng.standard_normal((3, 7, 8)).astype(np.float32) for _ in range(2))
     encoder = encoder_for(Retention(fraction=fraction, side=side), 3, 8)
     encoder.append([x, y], [x, y])
-    assert encoder.entry.keys.retained_count == int(fraction * 21)
+    assert merged(encoder).retained_count == int(fraction * 21)
 
 
 # -- sink tokens ------------------------------------------------------------------------
@@ -241,14 +246,14 @@ def test_later_tokens_are_tested_against_the_first_put_threshold() -> None:
     x, y = pair_at_angles(KNOWN_ANGLES)
     encoder = encoder_for(Retention(gamma=0.12), 2, 4)
     encoder.append([x, y], [x, y])
-    threshold = encoder.entry.keys.threshold
+    threshold = merged(encoder).threshold
     np.testing.assert_allclose(threshold * math.pi, 1.96, atol=1e-4)
     # Alone, each of these chunks would retain its own most distinct unit; against the
     # first put's threshold only the angles beyond 1.96 rad are retained.
     later = np.array([[0.3, 2.1, 1.0], [1.5, 0.25, 2.15]])
     x2, y2 = pair_at_angles(later, seed=1)
     encoder.append([x2, y2], [x2, y2])
-    assert encoder.entry.keys.threshold == threshold
+    assert merged(encoder).threshold == threshold
     new = {(h, t) for h, t in stored_positions(encoder.entry.keys) if t >= 21}
     assert new == {(0, 22), (1, 23)}
 
@@ -268,7 +273,7 @@ def test_layers_at_one_common_angle_retain_none() -> None:
     x, y = pair_at_angles(np.full((2, 10), 1.0))
     encoder = encoder_for(Retention(gamma=0.05), 2, 4)
     encoder.append([x, y], [x, y])
-    assert encoder.entry.keys.retained_count == 0
+    assert merged(encoder).retained_count == 0
 
 
 @pytest.mark.parametrize("side", SIDES)
@@ -276,14 +281,19 @@ def test_identical_layers_retain_none(side: str) -> None:
     x = np.random.default_rng(0).standard_normal((2, 50, 64)).astype(np.float32)
     encoder = encoder_for(Retention(gamma=0.05, side=side), 2, 64)
     encoder.append([x, x.copy()], [x, x.copy()])
-    assert encoder.entry.keys.retained_count == 0
-    assert encoder.entry.values.retained_count == 0
+    assert merged(encoder).retained_count == 0
+    assert merged(encoder, "values").retained_count == 0
 
 
-def test_average_merge_and_no_retention_store_no_retained_tokens() -> None:
+def test_no_retention_and_the_average_merge_store_no_retained_tokens() -> None:
     rng = np.random.default_rng(4)
     x, y = (rng.standard_normal((2, 10, 8)).astype(np.float32) for _ in range(2))
-    for encoder in (encoder_for(None, 2, 8), encoder_for(Retention(), 2, 8, method="average")):
-        encoder.append([x, y], [x, y])
-        assert encoder.entry.keys.retained_count == 0
-        assert encoder.entry.keys.threshold is None
+    slerp = encoder_for(None, 2, 8)
+    slerp.append([x, y], [x, y])
+    assert merged(slerp).retained_count == 0
+    assert merged(slerp).threshold is None
+    # The average merge has no retention: the policy's retention settings are unused.
+    average = encoder_for(Retention(), 2, 8, method="average")
+    average.append([x, y], [x, y])
+    (pair,) = average.entry.keys
+    assert pair.name == "average" and not hasattr(pair, "retained")

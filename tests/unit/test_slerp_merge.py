@@ -1,4 +1,4 @@
-"""SLERP merge of two adjacent layers' vectors (design.md §3)."""
+"""SLERP merge of two adjacent layers' vectors (design.md §3), and the average merge."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minicache_server.compression.slerp_merge import NEAR_PARALLEL_SIN, average_merge, slerp_merge
+from minicache_client.codecs import AverageMerge, RawStream
+from minicache_client.codecs.slerp_merge import NEAR_PARALLEL_SIN, slerp_merge
 
 shapes = st.tuples(st.integers(1, 3), st.integers(0, 8), st.integers(2, 32))
 seeds = st.integers(0, 2**32 - 1)
@@ -140,10 +141,15 @@ def test_zero_vectors_give_finite_outputs() -> None:
     np.testing.assert_allclose(slerp_merge(y, zero, 0.6)[0], unit(y), atol=1e-6)
 
 
-def test_average_merge_is_the_mean() -> None:
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_average_merge_restores_both_layers_as_the_mean(dtype: str) -> None:
     rng = np.random.default_rng(4)
-    x = rng.standard_normal((2, 5, 8)).astype(np.float32)
-    y = rng.standard_normal((2, 5, 8)).astype(np.float32)
-    merged = average_merge(x, y)
-    assert merged.shape == x.shape
-    np.testing.assert_allclose(merged, (x.astype(np.float64) + y) / 2, rtol=1e-6)
+    x = rng.standard_normal((2, 5, 8)).astype(dtype)
+    y = rng.standard_normal((2, 5, 8)).astype(dtype)
+    pair = AverageMerge(2, 8, dtype, RawStream(2, 8, dtype))
+    pair.append([x, y])
+    mean = (x.astype(np.float64) + y) / 2
+    tolerance = np.finfo(dtype).eps
+    for restored in pair.restore_group(0, 5, dtype):
+        assert restored.dtype == x.dtype
+        np.testing.assert_allclose(restored, mean, rtol=tolerance, atol=tolerance)

@@ -136,8 +136,11 @@ class SlerpMerge(MergedPair):
         xp = array_namespace(x, y)
         direction, magnitudes, omega = slerp_merge(x, y, self.t)
         stored = magnitudes.astype(xp.float16)
-        if self.magnitudes.dtype == xp.float32 or not bool(xp.isfinite(stored).all()):
-            stored = magnitudes
+        fits = xp.isfinite(stored)
+        if self.magnitudes.dtype == xp.float32 or not bool(fits.all()):
+            # float32 where float16 overflows; a magnitude that fits is still rounded to
+            # float16, so it does not depend on how tokens were chunked.
+            stored = xp.where(fits, stored.astype(xp.float32), magnitudes)
             self.magnitudes = self.magnitudes.astype(xp.float32)
         self.magnitudes = concat_tokens(self.magnitudes, stored, axis=2)
         if self.retention is None:
