@@ -48,6 +48,11 @@ def to_numpy(array: Any) -> np.ndarray:
     return np.asarray(array)
 
 
+def is_array(value: Any) -> bool:
+    """A NumPy or CuPy array (anything with a dtype, a shape and a byte size)."""
+    return hasattr(value, "nbytes") and hasattr(value, "dtype") and hasattr(value, "shape")
+
+
 def check_kv_dtype(dtype: str) -> str:
     if dtype not in KV_DTYPES:
         raise ValueError(f"unsupported KV dtype {dtype!r}; expected one of {', '.join(KV_DTYPES)}")
@@ -77,3 +82,10 @@ def narrow_from_float32(array: Any, dtype: str) -> Any:
         nan = xp.where(truncated & 0x7F, truncated, truncated | 0x40).astype(xp.uint16)
         return xp.where(xp.isnan(wide), nan, rounded)
     return array.astype(CARRIER_DTYPES[dtype], copy=False)
+
+
+def recast(array: Any, stored: str, wanted: str) -> Any:
+    """A tensor carried as `stored` in the carrier of `wanted` (itself when they agree)."""
+    if stored == wanted:
+        return array
+    return narrow_from_float32(widen_to_float32(array, stored), wanted)

@@ -85,21 +85,13 @@ def pack_rows(codes: Any, bits: int) -> Any:
 
 
 @functools.cache
-def _byte_offsets(bits: int, xp_name: str) -> Any:
-    """Table `[256, 8 // bits]`: the offsets from the middle code of each code in a byte."""
-    xp = _namespace(xp_name)
+def _byte_offsets(bits: int, xp: Any) -> Any:
+    """Table `[256, 8 // bits]` on `xp`'s device: the offsets from the middle code of
+    each code in a byte."""
     per_byte = 8 // bits
     byte = np.arange(256, dtype=np.uint16)[:, None]
     codes = (byte >> (np.arange(per_byte) * bits)) & ((1 << bits) - 1)
     return xp.asarray((codes - ((1 << bits) - 1) / 2).astype(np.float32))
-
-
-def _namespace(name: str) -> Any:
-    if name == "numpy":
-        return np
-    import cupy
-
-    return cupy
 
 
 def code_offsets(packed: Any, bits: int, head_dim: int) -> Any:
@@ -113,6 +105,6 @@ def code_offsets(packed: Any, bits: int, head_dim: int) -> Any:
         codes = (words[..., None] >> xp.arange(0, 24, 3, dtype=xp.uint32)) & 7
         offsets = codes.astype(xp.float32).reshape(*lead, -1) - 3.5
     else:
-        table = _byte_offsets(bits, xp.__name__)
+        table = _byte_offsets(bits, xp)
         offsets = xp.take(table, packed, axis=0).reshape(*lead, -1)
     return offsets if offsets.shape[-1] == head_dim else offsets[..., :head_dim]

@@ -30,7 +30,7 @@ import msgpack
 import numpy as np
 import xxhash
 
-from minicache_client.array_namespace import KV_DTYPES, to_numpy
+from minicache_client.array_namespace import KV_DTYPES, is_array, to_numpy
 from minicache_client.codecs import CODECS, Codec, CorruptEntryError
 
 FORMAT_MAGIC = b"MCKV"
@@ -100,17 +100,13 @@ def _padding(size: int) -> int:
     return -size % _ALIGN
 
 
-def _is_array(value: Any) -> bool:
-    return hasattr(value, "nbytes") and hasattr(value, "dtype") and hasattr(value, "shape")
-
-
 def _codec_to_plain(codec: Codec, arrays: list[Any]) -> dict[str, Any]:
     plain: dict[str, Any] = {"codec": codec.name}
     for field in dataclasses.fields(codec):
         value = getattr(codec, field.name)
         if isinstance(value, Codec):
             value = _codec_to_plain(value, arrays)
-        elif _is_array(value):
+        elif is_array(value):
             arrays.append(value)
             value = {"__array__": len(arrays) - 1}
         elif isinstance(value, np.generic):

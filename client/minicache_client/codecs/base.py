@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from minicache_client.array_namespace import array_namespace, narrow_from_float32
+from minicache_client.array_namespace import array_namespace, is_array
 
 
 class CorruptEntryError(ValueError):
@@ -72,12 +72,12 @@ class Codec(ABC):
         """End of a bulk put: close partial blocks. Later appends start new ones."""
 
     @abstractmethod
-    def restore_float32(self, which: int, start: int, end: int) -> Any:
-        """float32 `[kv_heads, end - start, head_dim]` of layer `which` of the group."""
-
     def restore(self, which: int, start: int, end: int, dtype: str) -> Any:
         """Tokens [start, end) of layer `which`, in the carrier of `dtype`."""
-        return narrow_from_float32(self.restore_float32(which, start, end), dtype)
+
+    def restore_float32(self, which: int, start: int, end: int) -> Any:
+        """float32 `[kv_heads, end - start, head_dim]` of layer `which` of the group."""
+        return self.restore(which, start, end, "float32")
 
     def restore_group(self, start: int, end: int, dtype: str) -> list[Any]:
         """Every layer of the group; merges decode their shared part once here."""
@@ -94,7 +94,7 @@ class Codec(ABC):
             value = getattr(self, field.name)
             if isinstance(value, Codec):
                 found.extend(value.arrays())
-            elif hasattr(value, "nbytes") and hasattr(value, "dtype"):
+            elif is_array(value):
                 found.append(value)
         return found
 
@@ -104,5 +104,5 @@ class Codec(ABC):
             value = getattr(self, field.name)
             if isinstance(value, Codec):
                 value.map_arrays(convert)
-            elif hasattr(value, "nbytes") and hasattr(value, "dtype"):
+            elif is_array(value):
                 setattr(self, field.name, convert(value))

@@ -27,6 +27,7 @@ from minicache_client.array_namespace import (
     CARRIER_DTYPES,
     array_namespace,
     narrow_from_float32,
+    recast,
     widen_to_float32,
 )
 from minicache_client.bit_packing import SUPPORTED_BITS, code_offsets, pack_rows, row_bytes
@@ -187,42 +188,29 @@ class KiviStream(Codec):
 
     # -- decoding -------------------------------------------------------------------
 
-    def _statistics(self, start: int, end: int) -> tuple[Any, Any, Any, int]:
-        """(scale, center, rows, width) of quantized tokens [start, end): float32
-        `[kv_heads, stat_rows, groups]` statistics, the statistics row of each token
-        (int64 `[end - start]`) and the channels per group."""
-        xp = array_namespace(self.codes)
-        if self.mode == "per_token":
-            rows = xp.arange(end - start, dtype=xp.int64)
-            scale, center = self.scale[:, start:end], self.center[:, start:end]
-            width = self.group_size
-        else:
-            ends = self.block_ends
-            first = int(xp.searchsorted(ends, start, side="right"))
-            last = int(xp.searchsorted(ends, end - 1, side="right")) + 1
-            tokens = xp.arange(start, end, dtype=xp.int64)
-            rows = xp.searchsorted(ends[first:last], tokens, side="right").astype(xp.int64)
-            scale, center = self.scale[:, first:last], self.center[:, first:last]
-            width = 1
-        return scale.astype(xp.float32), center.astype(xp.float32), rows, width
-
     def _dequantize(self, start: int, end: int, dtype: str) -> Any:
         """Quantized tokens [start, end) (indices into the quantized part) restored into
         the carrier of `dtype`, `[kv_heads, end - start, head_dim]`."""
         xp = array_namespace(self.codes)
-        scale, center, rows, width = self._statistics(start, end)
-        codes = self.codes[:, start:end]
-        offsets = code_offsets(codes, self.bits, self.head_dim)
         count = end - start
+        offsets = code_offsets(self.codes[:, start:end], self.bits, self.head_dim)
         if self.mode == "per_token":
-            shaped = offsets.reshape(self.kv_heads, count, -1, width)
-            shaped *= scale[..., None]
-            shaped += center[..., None]
-        elif count % self.block_tokens == 0 and bool(
+            shaped = offsets.reshape(self.kv_heads, count, -1, self.group_size)
+            shaped *= self.scale[:, start:end, :, None].astype(xp.float32)
+            shaped += self.center[:, start:end, :, None].astype(xp.float32)
+            return narrow_from_float32(offsets, dtype)
+        ends = self.block_ends
+        first = int(xp.searchsorted(ends, start, side="right"))
+        last = int(xp.searchsorted(ends, end - 1, side="right")) + 1
+        scale = self.scale[:, first:last].astype(xp.float32)
+        center = self.center[:, first:last].astype(xp.float32)
+        # The block of each token, counted from `first`.
+        rows = xp.searchsorted(ends[first:last], xp.arange(start, end), side="right")
+        if count % self.block_tokens == 0 and bool(
             (rows == xp.arange(count) // self.block_tokens).all()
         ):
             # Whole blocks of one size: the statistics broadcast, no gather.
-            shaped = offsets.reshape(self.kv_heads, scale.shape[1], self.block_tokens, -1)
+            shaped = offsets.reshape(self.kv_heads, last - first, self.block_tokens, -1)
             shaped *= scale[:, :, None]
             shaped += center[:, :, None]
         else:
@@ -247,13 +235,9 @@ class KiviStream(Codec):
             if part == "codes":
                 values = self._dequantize(lo, hi, dtype)
             else:
-                exact = getattr(self, part)[:, lo:hi]
-                values = exact if dtype == self.dtype else _convert(exact, self.dtype, dtype)
+                values = recast(getattr(self, part)[:, lo:hi], self.dtype, dtype)
             out[:, at : at + hi - lo] = values
         return out
-
-    def restore_float32(self, which: int, start: int, end: int) -> Any:
-        return self.restore(which, start, end, "float32")
 
     def check(self) -> None:
         heads, dim = self.kv_heads, self.head_dim
@@ -299,7 +283,3 @@ class KiviStream(Codec):
                 and self.scale.shape == (heads, quantized, dim // self.group_size),
                 "statistics disagree with the quantized tokens",
             )
-
-
-def _convert(exact: Any, stored: str, wanted: str) -> Any:
-    return narrow_from_float32(widen_to_float32(exact, stored), wanted)

@@ -18,6 +18,7 @@ from minicache_client.array_namespace import (
     CARRIER_DTYPES,
     array_namespace,
     narrow_from_float32,
+    recast,
     widen_to_float32,
 )
 from minicache_client.codecs.base import Codec, check_stored, concat_tokens
@@ -115,9 +116,7 @@ class MergedPair(Codec):
             if end > boundary:
                 lo = max(start, boundary)
                 recent = self.recent[which, :, lo - boundary : end - boundary]
-                if dtype != self.dtype:
-                    recent = narrow_from_float32(widen_to_float32(recent, self.dtype), dtype)
-                out[:, lo - start :] = recent
+                out[:, lo - start :] = recast(recent, self.dtype, dtype)
             layers.append(out)
         return layers
 
@@ -126,9 +125,6 @@ class MergedPair(Codec):
 
     def restore_group(self, start: int, end: int, dtype: str) -> list[Any]:
         return self._layers([0, 1], start, end, dtype)
-
-    def restore_float32(self, which: int, start: int, end: int) -> Any:
-        return self.restore(which, start, end, "float32")
 
     def check(self) -> None:
         check_stored(isinstance(self.direction, Codec), "merged direction has no codec")

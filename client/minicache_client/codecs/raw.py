@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 from minicache_client.array_namespace import (
     CARRIER_DTYPES,
     array_namespace,
-    narrow_from_float32,
+    recast,
     widen_to_float32,
 )
 from minicache_client.codecs.base import Codec, check_stored, concat_tokens
@@ -47,11 +47,10 @@ class RawStream(Codec):
 
     def restore(self, which: int, start: int, end: int, dtype: str) -> Any:
         held = self.values[:, start:end]
-        if dtype == self.dtype:
-            return held.copy()
-        return narrow_from_float32(widen_to_float32(held, self.dtype), dtype)
+        return held.copy() if dtype == self.dtype else recast(held, self.dtype, dtype)
 
     def restore_float32(self, which: int, start: int, end: int) -> Any:
+        # Without the copy `restore` makes: callers read it and build new arrays.
         return widen_to_float32(self.values[:, start:end], self.dtype)
 
     def check(self) -> None:
