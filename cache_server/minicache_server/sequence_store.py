@@ -54,6 +54,7 @@ from minicache_client.policy import (
     LayerGroup,
     ModelShape,
     policy_for_model,
+    request_policy,
 )
 from minicache_client.proto import cache_service_pb2 as pb
 from minicache_client.protocol import MAX_TAG_BYTES
@@ -277,17 +278,7 @@ class SequenceStore:
         calibrated `default` serves the model it was calibrated for; any other model gets
         the uncalibrated fallback (logged once per shape; Lookup shows which)."""
         try:
-            if not name_or_json:
-                policy = self.default_policy
-            elif name_or_json.lstrip().startswith("{"):
-                policy = CompressionPolicy.from_json(name_or_json)
-            elif name_or_json in PRESETS:
-                policy = PRESETS[name_or_json]
-            else:
-                raise ValueError(
-                    f"unknown policy {name_or_json!r}: send one of {', '.join(PRESETS)} or a "
-                    "policy as JSON"
-                )
+            policy = request_policy(name_or_json) if name_or_json else self.default_policy
             chosen = policy_for_model(policy, shape)
         except (ValueError, TypeError, KeyError) as exc:
             raise InvalidArgumentError(f"policy: {exc}") from None

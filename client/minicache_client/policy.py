@@ -428,6 +428,18 @@ def policy_for_model(policy: CompressionPolicy, shape: ModelShape) -> Compressio
     raise ValueError(reason)
 
 
+def request_policy(name_or_json: str) -> CompressionPolicy:
+    """A policy sent in a request: a preset name or policy JSON, never a path (a server
+    does not read files a client names)."""
+    if name_or_json in PRESETS:
+        return PRESETS[name_or_json]
+    if name_or_json.lstrip().startswith("{"):
+        return CompressionPolicy.from_json(name_or_json)
+    raise ValueError(
+        f"unknown policy {name_or_json!r}: send one of {', '.join(PRESETS)} or a policy as JSON"
+    )
+
+
 def load_policy(name_or_path: str) -> CompressionPolicy:
     """A preset by name, or a policy JSON file by path."""
     if name_or_path in PRESETS:

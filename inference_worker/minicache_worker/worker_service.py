@@ -32,7 +32,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from minicache_client import CacheClient, CacheError
-from minicache_client.policy import PRESETS, CompressionPolicy, ModelShape, policy_for_model
+from minicache_client.policy import (
+    ModelShape,
+    policy_for_model,
+    request_policy,
+)
 from minicache_client.proto import worker_service_pb2 as pb
 from minicache_client.proto import worker_service_pb2_grpc as pb_grpc
 from minicache_client.serving.auth import SyncAuthInterceptor, TokenAuth
@@ -145,19 +149,8 @@ def check_policy(policy: str, shape: ModelShape) -> None:
     calibrated for)."""
     if not policy:
         return
-    if policy in PRESETS:
-        chosen = PRESETS[policy]
-    elif policy.lstrip().startswith("{"):
-        try:
-            chosen = CompressionPolicy.from_json(policy)
-        except (ValueError, TypeError, KeyError) as exc:
-            raise ValueError(f"policy: {exc}") from None
-    else:
-        raise ValueError(
-            f"unknown policy {policy!r}: send one of {', '.join(PRESETS)} or a policy as JSON"
-        )
     try:
-        policy_for_model(chosen, shape)
+        policy_for_model(request_policy(policy), shape)
     except (ValueError, TypeError, KeyError) as exc:
         raise ValueError(f"policy: {exc}") from None
 
