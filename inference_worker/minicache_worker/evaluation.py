@@ -277,7 +277,7 @@ class Evaluator:
         started = time.perf_counter()
         requested, policy = policy, self.resolve(policy)
         full = self.full_cache()
-        label = requested.name if policy is requested else f"{requested.name} (as {policy.name})"
+        label = shown_name(requested.name, policy.name)
         measured = {**self.perplexity(policy, label), **self.needle(policy, label)}
         predictions = self.greedy_tokens(policy, full["greedy"], label)
         pairs = [
@@ -311,10 +311,14 @@ class Evaluator:
         }
 
 
+def shown_name(requested: str, ran: str) -> str:
+    """A policy as shown to people: 'default (as kivi4_sink)' where it fell back."""
+    return requested if ran == requested else f"{requested} (as {ran})"
+
+
 def policy_label(row: dict[str, Any]) -> str:
-    """A row's policy as shown to people: 'default (as kivi4_sink)' where it fell back."""
-    resolved = row.get("resolved_policy", row["policy"])
-    return row["policy"] if resolved == row["policy"] else f"{row['policy']} (as {resolved})"
+    """A row's policy as shown to people (error rows name only what was requested)."""
+    return shown_name(row["policy"], row.get("resolved_policy", row["policy"]))
 
 
 def evaluate_each(
