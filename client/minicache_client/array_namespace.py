@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from minicache_client import half_floats
+
 KV_DTYPES = ("float32", "float16", "bfloat16")
 
 # The NumPy dtype that carries each KV dtype.
@@ -64,6 +66,8 @@ def widen_to_float32(array: Any, dtype: str) -> Any:
     xp = array_namespace(array)
     if dtype == "bfloat16":
         return (array.astype(xp.uint32) << 16).view(xp.float32)
+    if dtype == "float16" and xp is np:
+        return half_floats.float16_to_float32(array)
     return array.astype(xp.float32, copy=False)
 
 
@@ -81,7 +85,19 @@ def narrow_from_float32(array: Any, dtype: str) -> Any:
         truncated = bits >> 16
         nan = xp.where(truncated & 0x7F, truncated, truncated | 0x40).astype(xp.uint16)
         return xp.where(xp.isnan(wide), nan, rounded)
+    if dtype == "float16" and xp is np:
+        return half_floats.float32_to_float16(array)
     return array.astype(CARRIER_DTYPES[dtype], copy=False)
+
+
+def narrow_into(array: Any, out: Any, dtype: str) -> None:
+    """Write float32 `array` into `out`, a carrier array of `dtype` of the same shape
+    (any strides): `out[...] = narrow_from_float32(array, dtype)` without the copy
+    where the cast can write in place."""
+    if dtype == "float16" and array_namespace(array, out) is np:
+        half_floats.float32_to_float16_into(array, out)
+    else:
+        out[...] = narrow_from_float32(array, dtype)
 
 
 def recast(array: Any, stored: str, wanted: str) -> Any:
