@@ -19,7 +19,6 @@ the decoder reproduces exactly what the encoder intended.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -58,14 +57,16 @@ def _stored_statistic(values: Any) -> Any:
     return xp.where(fits, as_fp16.astype(xp.float32), values.astype(xp.float32))
 
 
-def _join_statistics(held: Any, new: Any, axis: int) -> Any:
-    """Concatenate, widening both to float32 when either needs it."""
-    if held is None or held.shape[axis] == 0:
-        return new
-    xp = array_namespace(held, new)
-    if held.dtype != new.dtype:
-        held, new = held.astype(xp.float32), new.astype(xp.float32)
-    return xp.concatenate([held, new], axis=axis)
+def _join_tokens(parts: Sequence[Any]) -> Any:
+    """Concatenate along tokens (axis 1) in one copy, skipping empty parts; statistics
+    of different dtypes are all widened to float32."""
+    kept = [part for part in parts if part.shape[1]] or [parts[-1]]
+    if len(kept) == 1:
+        return kept[0]
+    xp = array_namespace(*kept)
+    if len({part.dtype for part in kept}) > 1:
+        kept = [part.astype(xp.float32) for part in kept]
+    return xp.concatenate(kept, axis=1)
 
 
 def quantize_blocks(tokens: Any, bits: int, mode: str, group_size: int, block_tokens: int):
@@ -208,15 +209,12 @@ class KiviStream(Codec):
             )
             for lo in range(0, count, step)
         ]
-        codes, scale, center = (
-            functools.reduce(lambda held, new: _join_statistics(held, new, axis=1), part)
-            for part in zip(*pieces, strict=True)
-        )
-        self.codes = concat_tokens(self.codes, codes, axis=1)
-        self.scale = _join_statistics(self.scale, scale, axis=1)
-        self.center = _join_statistics(self.center, center, axis=1)
+        codes, scales, centers = zip(*pieces, strict=True)
+        self.codes = _join_tokens([self.codes, *codes])
+        self.scale = _join_tokens([self.scale, *scales])
+        self.center = _join_tokens([self.center, *centers])
         if self.mode == "per_channel":
-            blocks = scale.shape[1]
+            blocks = sum(scale.shape[1] for scale in scales)
             size = count // blocks
             first = self.quantized_tokens - count
             ends = first + size * xp.arange(1, blocks + 1, dtype=xp.int64)
