@@ -1,4 +1,5 @@
-"""`minicache-server`: run the cache server until SIGTERM or SIGINT.
+"""`minicache-server`: run the cache server until SIGTERM or SIGINT
+(`--print-config`: print the effective settings, secrets masked, and exit).
 
 On the signal, health turns NOT_SERVING at once (load balancers stop routing), then
 in-flight calls get MINICACHE_GRACE_S seconds to finish before the process exits.
@@ -12,9 +13,9 @@ import signal
 import sys
 
 from minicache_client.serving.logs import configure_logging
-from minicache_client.serving.settings import SettingsError
+from minicache_client.serving.settings import SettingsError, config_json
 from minicache_server.service.server import start_server
-from minicache_server.settings import load_settings
+from minicache_server.settings import build_parser, settings_from
 
 log = logging.getLogger("minicache_server")
 
@@ -34,12 +35,16 @@ async def serve(settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        settings = load_settings(argv)
-        configure_logging(settings.log_level, settings.log_format)
-    except (SettingsError, ValueError) as exc:
+        settings = settings_from(args)
+    except SettingsError as exc:
         print(f"minicache-server: {exc}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(config_json(settings))
+        return 0
+    configure_logging(settings.log_level, settings.log_format)
     try:
         asyncio.run(serve(settings))
     except SettingsError as exc:

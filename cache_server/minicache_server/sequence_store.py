@@ -2,13 +2,17 @@
 
 Primitives (called by the gRPC servicer, one per RPC):
 
-- `begin_put(tenant, header) -> PutSession`, then `PutSession.add_chunk(chunk)` per
-  chunk and `PutSession.commit()`: a write from token 0 (new, or replacing) or from the
-  tokens held (an extension). Layers are encoded as they complete (a merged pair as
-  soon as both layers are in, raw layers dropped); nothing is visible before `commit`,
-  and a failed or cancelled put leaves the sequence as it was. A committed write sets
-  the sequence's tag (opaque bytes, a label of its content) to the header's, empty
-  clearing it; `lookup` returns it.
+- `begin_put(tenant, header) -> PutSession`, then, inside `with session:`,
+  `PutSession.add_chunk(chunk)` per chunk and `PutSession.commit()`: a write from token 0
+  (new, or replacing) or from the tokens held (an extension). Layers are encoded as they
+  complete (a merged pair as soon as both layers are in, raw layers dropped); nothing is
+  visible before `commit`, and a failed or cancelled put leaves the sequence as it was.
+  A header that declares more than the device budget can hold is refused at once; the
+  bytes a put holds while it streams (layers being assembled, encoded entries, raw
+  layers of an extension) are its staging, bounded by the device budget for each put
+  and for all puts in progress together, released when the `with` block ends. A
+  committed write sets the sequence's tag (opaque bytes, a label of its content) to
+  the header's, empty clearing it; `lookup` returns it.
 - `prefetch(tenant, request)`: async iterator of restored layers or stored entries.
 - `lookup`, `delete`, `stats`.
 
@@ -17,13 +21,13 @@ used entries of idle sequences to Redis, freeing each only after Redis acknowled
 prefetch or extension of an overflowed entry promotes it back. An entry that fails
 verification on its way back loses the whole sequence: it is deleted and reads miss.
 Errors are the typed `minicache_client.errors` classes; the servicer maps them to codes.
+Ids, tags and policy text follow `minicache_client.protocol`'s rules, the client's own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -47,6 +51,7 @@ from minicache_client.errors import (
     OutOfRangeError,
     ResourceExhaustedError,
     UnavailableError,
+    clipped,
 )
 from minicache_client.policy import (
     PRESETS,
@@ -54,10 +59,9 @@ from minicache_client.policy import (
     LayerGroup,
     ModelShape,
     policy_for_model,
-    request_policy,
 )
 from minicache_client.proto import cache_service_pb2 as pb
-from minicache_client.protocol import MAX_TAG_BYTES
+from minicache_client.protocol import MAX_TAG_BYTES, check_id, requested_policy
 from minicache_client.restore import restore_group
 from minicache_client.sequence_encoder import SequenceEncoder, check_finite
 from minicache_client.wire import DTYPE_TO_WIRE, LayerAssembler, dtype_from_wire, layer_chunks
@@ -67,8 +71,9 @@ from minicache_server.tiers.redis_tier import OverflowUnavailableError, RedisTie
 
 log = logging.getLogger(__name__)
 
-MAX_ID_BYTES = 256
-_ID = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no spaces
+# No policy stores a KV value in less than one bit (2-bit quantization of both layers
+# of a merged pair): what a header declares can be refused before any byte arrives.
+MIN_STORED_BITS_PER_VALUE = 1
 
 
 @dataclass(frozen=True)
@@ -122,14 +127,9 @@ class LostEntryError(CorruptEntryError):
     """An overflowed entry is no longer in Redis."""
 
 
-def check_id(value: str, what: str) -> str:
-    if not value:
-        raise InvalidArgumentError(f"{what} is empty")
-    if len(value.encode()) > MAX_ID_BYTES or not _ID.match(value):
-        raise InvalidArgumentError(
-            f"{what} must be 1-{MAX_ID_BYTES} printable ASCII characters without spaces"
-        )
-    return value
+def sequence_label(model_id: str, sequence_id: str) -> str:
+    """`model_id/sequence_id` as messages show it (long ids cut)."""
+    return f"{clipped(model_id, 48)}/{clipped(sequence_id, 64)}"
 
 
 class PutSession:
@@ -168,6 +168,11 @@ class PutSession:
             )
         self.seal = header.seal
         self.shape = (header.num_layers, header.kv_heads, header.head_dim)
+        # One layer's keys and values as they arrive; the bytes this put stages now.
+        self.layer_bytes = (
+            2 * header.kv_heads * (self.end - self.start) * header.head_dim
+        ) * CARRIER_DTYPES[self.dtype].itemsize
+        self.staged = 0
         self.existing = store.sequences.get((tenant, self.model_id, self.sequence_id))
         if self.start == 0:
             self.policy = store.resolve_policy(header.policy, ModelShape(*self.shape))
@@ -181,16 +186,79 @@ class PutSession:
         else:
             self._check_extension(header)
             self.encoder = None
+        self._check_declared_size()
         self.assembler = LayerAssembler(
             header.num_layers, header.kv_heads, self.end - self.start, header.head_dim, self.dtype
         )
         self.layers: dict[int, tuple[Any, Any]] = {}
+        self.encoded_bytes = 0
+
+    def __enter__(self) -> PutSession:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._restage(0)
+
+    def _check_declared_size(self) -> None:
+        """Refuse a write whose header alone shows it cannot fit the device budget."""
+        budget = self.store.device.budget_bytes
+        what = (
+            f"{self.end - self.start} tokens x {self.shape[0]} layers x {self.shape[1]} heads "
+            f"x {self.shape[2]} in {self.dtype}"
+        )
+        if self.layer_bytes > budget:
+            raise ResourceExhaustedError(
+                f"one layer of this put ({what}) takes {self.layer_bytes} bytes, more than "
+                f"the device budget of {budget} bytes"
+            )
+        raw = self.layer_bytes * self.shape[0]
+        stores_raw = self.encoder is None or (
+            self.policy.merge is None and self.policy.quantization is None
+        )
+        # An extension holds its raw tokens until it commits.
+        values = raw // CARRIER_DTYPES[self.dtype].itemsize
+        least = raw if stores_raw else values * MIN_STORED_BITS_PER_VALUE // 8
+        if least > budget:
+            raise ResourceExhaustedError(
+                f"this put ({what}) stores at least {least} bytes, more than the device "
+                f"budget of {budget} bytes"
+            )
+
+    def _restage(self, staged: int) -> None:
+        """Hold `staged` bytes of staging: at most the device budget for this put, and
+        for every put in progress together (beyond that a retry can help)."""
+        store = self.store
+        budget = store.device.budget_bytes
+        others = store.staged_bytes - self.staged
+        if staged > self.staged:
+            if staged > budget:
+                raise ResourceExhaustedError(
+                    f"this put stages {staged} bytes as it streams, more than the device "
+                    f"budget of {budget} bytes: the sequence does not fit this server"
+                )
+            if others + staged > budget:
+                raise UnavailableError(
+                    f"puts in progress stage {others} bytes of the {budget} this server "
+                    "allows for them; retry shortly"
+                )
+        store.staged_bytes = others + staged
+        self.staged = staged
+
+    def _staging(self) -> int:
+        """The bytes this put holds now: raw layers (being assembled, waiting for a merge
+        partner, or held for an extension) and the entries encoded so far."""
+        assembler = self.assembler
+        assembling = sum(1 for layer in assembler.filled if layer not in assembler.complete)
+        waiting = len(self.encoder.pending) if self.encoder is not None else 0
+        raw_layers = assembling + waiting + len(self.layers)
+        return raw_layers * self.layer_bytes + self.encoded_bytes
 
     def _check_extension(self, header: pb.SequenceHeader) -> None:
         existing = self.existing
         if existing is None:
             raise NotFoundError(
-                f"sequence {self.model_id}/{self.sequence_id} is not held: write it from token 0"
+                f"sequence {sequence_label(self.model_id, self.sequence_id)} is not held: "
+                "write it from token 0"
             )
         if self.start != existing.tokens:
             raise OutOfRangeError(
@@ -216,6 +284,9 @@ class PutSession:
             raise ResourceExhaustedError(
                 f"chunk of {size} bytes is above the limit of {self.store.limits.max_chunk_bytes}"
             )
+        if chunk.layer < self.shape[0] and chunk.layer not in self.assembler.filled:
+            # A new layer: its room is taken before its bytes are copied.
+            self._restage(self.staged + self.layer_bytes)
         layer = self.assembler.add(chunk)
         if layer is None:
             return
@@ -229,10 +300,12 @@ class PutSession:
                 await asyncio.to_thread(
                     self.encoder.put_layer, chunk.layer, keys, values, self.seal
                 )
+                self.encoded_bytes = sum(held_bytes(entry) for entry in self.encoder.entries)
         except ValueError as exc:  # the engine's checks of the tensors
             if isinstance(exc, CacheError):
                 raise
             raise InvalidArgumentError(str(exc)) from None
+        self._restage(self._staging())
 
     async def commit(self) -> StoredSequence:
         missing = self.assembler.missing_layers()
@@ -259,10 +332,12 @@ class SequenceStore:
         self.limits = limits
         self.default_policy = default_policy
         self.sequences: dict[tuple[str, str, str], StoredSequence] = {}
+        # Bytes held by puts in progress (`PutSession._restage`).
+        self.staged_bytes = 0
         self._generation = 0
         self._admission = asyncio.Lock()
         self._fallback_logged: set[ModelShape] = set()
-        metrics.device_budget_bytes.set(device_tier.budget_bytes)
+        metrics.watch(self)  # totals (bytes, sequences, ratio) are read at scrape time
 
     @property
     def xp(self) -> ModuleType:
@@ -277,11 +352,11 @@ class SequenceStore:
         Empty means the server's default (the operator may give it as a file path). A
         calibrated `default` serves the model it was calibrated for; any other model gets
         the uncalibrated fallback (logged once per shape; Lookup shows which)."""
+        policy = requested_policy(name_or_json) if name_or_json else self.default_policy
         try:
-            policy = request_policy(name_or_json) if name_or_json else self.default_policy
             chosen = policy_for_model(policy, shape)
-        except (ValueError, TypeError, KeyError) as exc:
-            raise InvalidArgumentError(f"policy: {exc}") from None
+        except ValueError as exc:
+            raise InvalidArgumentError(f"policy: {clipped(str(exc), 200)}") from None
         if chosen is not policy and shape not in self._fallback_logged:
             self._fallback_logged.add(shape)
             log.info(
@@ -303,7 +378,7 @@ class SequenceStore:
         sequence = self.sequences.get((tenant, model_id, sequence_id))
         if sequence is None:
             self.metrics.misses.inc(reason="unknown_sequence")
-            raise NotFoundError(f"sequence {model_id}/{sequence_id} is not held")
+            raise NotFoundError(f"sequence {sequence_label(model_id, sequence_id)} is not held")
         return sequence
 
     # -- accounting ------------------------------------------------------------------
@@ -323,18 +398,6 @@ class SequenceStore:
             if sequence.key(index) in self.device
         )
         return device, sum(sequence.overflow_bytes.values())
-
-    def _update_gauges(self) -> None:
-        overflow = sum(sum(s.overflow_bytes.values()) for s in self.sequences.values())
-        fp16 = sum(s.fp16_bytes for s in self.sequences.values())
-        self.metrics.tier_bytes.set(self.device.used_bytes, tier=self.device.name)
-        self.metrics.tier_bytes.set(overflow, tier="redis")
-        self.metrics.fp16_bytes.set(fp16)
-        stored = self.device.used_bytes + overflow
-        self.metrics.compression_ratio.set(fp16 / stored if stored else 0)
-        self.metrics.sequences.set(len(self.sequences))
-        if self.overflow is not None:
-            self.metrics.overflow_available.set(1 if self.overflow.available else 0)
 
     def _check_quota(self, tenant: str, adding: int, replacing: StoredSequence | None) -> None:
         quota = self.limits.tenant_quota_bytes
@@ -468,8 +531,8 @@ class SequenceStore:
             )
             await self._drop(sequence)
             raise NotFoundError(
-                f"sequence {sequence.model_id}/{sequence.sequence_id} was lost: an overflowed "
-                f"entry is unusable ({exc}); recompute it"
+                f"sequence {sequence_label(sequence.model_id, sequence.sequence_id)} was lost: "
+                f"an overflowed entry is unusable ({exc}); recompute it"
             ) from None
         self.metrics.hits.inc(tier="redis")
         await self._admit(sequence, {group: entry}, evict_own)
@@ -485,7 +548,6 @@ class SequenceStore:
             self.device.pop(sequence.key(index))
         await self._delete_overflow([sequence.key(index) for index in sequence.overflow_bytes])
         sequence.overflow_bytes.clear()
-        self._update_gauges()
 
     # -- writes -----------------------------------------------------------------------
 
@@ -520,7 +582,6 @@ class SequenceStore:
             self.sequences[sequence.name] = sequence
             if replaced is not None:
                 await self._drop(replaced)
-        self._update_gauges()
         return sequence
 
     async def commit_extension(self, session: PutSession) -> StoredSequence:
@@ -563,7 +624,6 @@ class SequenceStore:
             sequence.tokens = session.end
             sequence.fp16_bytes = sum(fp16_bytes(entry) for entry in entries)
             sequence.tag = session.tag
-        self._update_gauges()
         return sequence
 
     # -- reads ------------------------------------------------------------------------
@@ -636,7 +696,6 @@ class SequenceStore:
                         layer, to_numpy(keys), to_numpy(values), dtype, chunk_bytes
                     ):
                         yield chunk
-        self._update_gauges()
 
     def lookup(self, tenant: str, ref: pb.SequenceRef) -> pb.LookupResponse:
         sequence = self._find(tenant, ref)

@@ -9,60 +9,170 @@ from __future__ import annotations
 
 import argparse
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from minicache_client.policy import load_policy
 from minicache_client.serving.auth import load_token_tenants
 from minicache_client.serving.settings import (
     SettingsError,
     add_setting_flags,
+    check_log_level,
     flag_name,
+    setting,
     setting_values,
 )
+
+DESCRIPTION = (
+    "The MiniCache cache server: stores the KV cache of inference sessions, compressed, in "
+    "a device tier under a byte budget with Redis as overflow, behind gRPC. Every flag "
+    "also reads the env var MINICACHE_<NAME> (shown with each flag); a flag wins over its "
+    "env var, which wins over the default. A bad value stops start-up naming its variable "
+    "(exit status 2)."
+)
+EXAMPLES = """examples:
+  MINICACHE_INSECURE=1 minicache-server --device-budget-bytes 2GiB \\
+      --redis-url redis://127.0.0.1:6379/0
+  minicache-server --tls-cert server.crt --tls-key server.key --tokens-file tokens
+  MINICACHE_TOKENS_FILE=tokens minicache-server --insecure --print-config
+"""
 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """Every setting, with its env var `MINICACHE_<NAME>` and flag `--<name>`."""
+    """Every setting, with its env var `MINICACHE_<NAME>` and flag `--<name>`; each
+    field's help is what `minicache-server --help` prints for it."""
 
-    # gRPC and metrics endpoints ("host:port"; metrics_listen "" disables metrics).
-    listen: str = "127.0.0.1:50051"
-    metrics_listen: str = "127.0.0.1:9464"
-    # Plaintext grpc.health.v1 only, for probes that cannot speak TLS (Kubernetes'
-    # native gRPC probe); "" disables it. It serves nothing else.
-    health_listen: str = ""
-    # Security. Without TLS or without tokens the server only starts with insecure=1.
-    tls_cert: str = ""
-    tls_key: str = ""
-    tls_client_ca: str = ""  # set: clients must present a certificate it signed (mTLS)
-    tokens_file: str = ""  # lines "<token> <tenant>" ('#' starts a comment)
-    tokens: str = ""  # "<token>=<tenant>,..." (prefer the file: env is visible to ps)
-    insecure: bool = False
+    # Endpoints.
+    listen: str = setting(
+        "127.0.0.1:50051",
+        "address the gRPC cache service binds, host:port (port 0 picks a free one)",
+        metavar="HOST:PORT",
+    )
+    metrics_listen: str = setting(
+        "127.0.0.1:9464",
+        "address of the Prometheus endpoint (GET /metrics), host:port; empty: no metrics",
+        metavar="HOST:PORT",
+    )
+    health_listen: str = setting(
+        "",
+        "plaintext address that serves grpc.health.v1 and nothing else, for probes that "
+        "cannot speak TLS (Kubernetes' native gRPC probe); empty: none",
+        metavar="HOST:PORT",
+    )
+    # Security. Without TLS or without tokens the server only starts with insecure.
+    tls_cert: str = setting(
+        "",
+        "PEM certificate (chain) of the server; with --tls-key the service speaks TLS",
+        metavar="PATH",
+    )
+    tls_key: str = setting("", "PEM private key of --tls-cert", metavar="PATH")
+    tls_client_ca: str = setting(
+        "",
+        "PEM CA certificate: when set, every client must present a certificate it signed "
+        "(mutual TLS); needs --tls-cert",
+        metavar="PATH",
+    )
+    tokens_file: str = setting(
+        "",
+        "bearer tokens of the tenants, one line '<token> <tenant>' each ('#' starts a "
+        "comment; tokens of at least 16 characters)",
+        metavar="PATH",
+    )
+    tokens: str = setting(
+        "",
+        "more bearer tokens, '<token>=<tenant>,...' (prefer --tokens-file: env and "
+        "arguments are visible to ps)",
+        metavar="TOKEN=TENANT,...",
+        secret=True,
+    )
+    insecure: bool = setting(
+        False,
+        "start without TLS or without tokens (plaintext, or no bearer tokens); when off, "
+        "the server refuses to start unless --tls-cert, --tls-key and tokens are all set",
+    )
     # Device tier.
-    device: str = "auto"  # auto | cpu | cuda
-    device_budget_bytes: int = 1 << 30
+    device: str = setting(
+        "auto",
+        "memory of the device tier: auto (a CUDA GPU through CuPy when there is one, else "
+        "host memory), cpu or cuda",
+        metavar="{auto,cpu,cuda}",
+    )
+    device_budget_bytes: int = setting(
+        1 << 30,
+        "stored bytes the device tier holds; beyond it the least recently used entries "
+        "overflow to Redis (without Redis, writes that need room are refused)",
+    )
     # Overflow tier: empty redis_url means no overflow (a full budget then refuses writes).
-    redis_url: str = ""
-    redis_username: str = ""
-    redis_password: str = ""
-    redis_password_file: str = ""
-    redis_tls_ca: str = ""
-    redis_pool_size: int = 16
-    redis_timeout_s: float = 2.0
-    redis_ttl_s: int = 0  # 0: overflowed entries do not expire
-    redis_key_prefix: str = "minicache"
+    redis_url: str = setting(
+        "",
+        "Redis of the overflow tier, redis://host:port/db (rediss:// for TLS); empty: no "
+        "overflow, a full device budget refuses writes",
+        metavar="URL",
+    )
+    redis_username: str = setting("", "Redis ACL user; empty: the default user", metavar="USER")
+    redis_password: str = setting(
+        "",
+        "Redis password (prefer --redis-password-file: env and arguments are visible to ps)",
+        metavar="PASSWORD",
+        secret=True,
+    )
+    redis_password_file: str = setting(
+        "",
+        "file holding the Redis password (surrounding whitespace stripped); wins over "
+        "--redis-password",
+        metavar="PATH",
+    )
+    redis_tls_ca: str = setting(
+        "",
+        "PEM CA certificate that Redis's TLS certificate must chain to (rediss:// URLs)",
+        metavar="PATH",
+    )
+    redis_pool_size: int = setting(16, "Redis connections kept open, at most")
+    redis_timeout_s: float = setting(2.0, "deadline of each Redis connection attempt and command")
+    redis_ttl_s: int = setting(
+        0, "how long an overflowed entry lives in Redis; 0: no expiry", metavar="SECONDS"
+    )
+    redis_key_prefix: str = setting(
+        "minicache",
+        "prefix of every Redis key this server writes; servers that share a Redis each "
+        "need their own",
+        metavar="PREFIX",
+    )
     # Requests.
-    default_policy: str = "default"
-    max_chunk_bytes: int = 1 << 20
-    max_message_bytes: int = 4 << 20
-    max_tokens: int = 1 << 17
-    max_layers: int = 256
-    tenant_quota_bytes: int = 0  # 0: no quota
+    default_policy: str = setting(
+        "default",
+        "compression policy of puts that name none: a preset name or a policy JSON file",
+        metavar="POLICY",
+    )
+    max_chunk_bytes: int = setting(
+        1 << 20, "largest chunk of KV bytes in one message of a streamed put or prefetch"
+    )
+    max_message_bytes: int = setting(
+        4 << 20,
+        "largest gRPC message received or sent; at least --max-chunk-bytes + 64 KiB",
+    )
+    max_tokens: int = setting(1 << 17, "most tokens one sequence may hold")
+    max_layers: int = setting(256, "most layers one sequence may have")
+    tenant_quota_bytes: int = setting(
+        0, "stored bytes each tenant may hold in both tiers together; 0: no quota"
+    )
     # Process.
-    grace_s: float = 10.0
-    log_level: str = "INFO"
-    log_format: str = "json"  # json | text
+    grace_s: float = setting(
+        10.0,
+        "on SIGTERM or SIGINT, how long calls in flight may take to finish before the "
+        "process exits (health turns NOT_SERVING at once)",
+    )
+    log_level: str = setting(
+        "INFO", "least severe log level written: DEBUG, INFO, WARNING or ERROR", metavar="LEVEL"
+    )
+    log_format: str = setting(
+        "json",
+        "log lines on stderr as json (one object a line) or text",
+        metavar="{json,text}",
+    )
 
     def __post_init__(self) -> None:
         checks = [
@@ -97,10 +207,16 @@ class ServerSettings:
         for ok, name, expected in checks:
             if not ok:
                 raise SettingsError(f"{env_name(name)} ({flag_name(name)}): must be {expected}")
-        for name in ("tls_cert", "tls_key", "tls_client_ca", "tokens_file", "redis_tls_ca"):
+        check_log_level(self.log_level, env_name)
+        files = ("tls_cert", "tls_key", "tls_client_ca", "tokens_file", "redis_tls_ca")
+        for name in (*files, "redis_password_file"):
             path = getattr(self, name)
             if path and not Path(path).is_file():
                 raise SettingsError(f"{env_name(name)}: no such file {path!r}")
+        try:  # a bad default policy stops start-up, not the first put
+            load_policy(self.default_policy)
+        except ValueError as exc:
+            raise SettingsError(f"{env_name('default_policy')}: {exc}") from None
 
     @property
     def has_tokens(self) -> bool:
@@ -120,15 +236,27 @@ def env_name(field_name: str) -> str:
     return f"MINICACHE_{field_name.upper()}"
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """`minicache-server`'s flags: one per setting, and `--print-config`."""
+    parser = argparse.ArgumentParser(
+        prog="minicache-server",
+        description=textwrap.fill(DESCRIPTION, 80),
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return add_setting_flags(parser, ServerSettings, env_name)
+
+
+def settings_from(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> ServerSettings:
+    """Settings from parsed flags over env vars (`environ`, default os.environ)."""
+    environ = os.environ if environ is None else environ
+    return ServerSettings(**setting_values(ServerSettings, args, environ, env_name))
+
+
 def load_settings(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> ServerSettings:
     """Settings from flags (`argv`) over env vars (`environ`, default os.environ)."""
-    environ = os.environ if environ is None else environ
-    parser = argparse.ArgumentParser(
-        prog="minicache-server",
-        description="MiniCache cache server. Every flag also reads MINICACHE_<FLAG> from env.",
-    )
-    add_setting_flags(parser, ServerSettings, env_name)
-    values = setting_values(ServerSettings, parser.parse_args(argv), environ, env_name)
-    return ServerSettings(**values)
+    return settings_from(build_parser().parse_args(argv), environ)

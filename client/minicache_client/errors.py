@@ -1,13 +1,26 @@
 """Typed errors of the cache service, shared by server and client.
 
-The server raises these in its domain code; the servicer maps them to gRPC status codes
-through `STATUS_CODES` (design.md section 7), and the client SDK maps a status code back
-to the same class, so callers catch `NotFoundError` rather than inspect an RpcError.
+The server raises these in its domain code; each class's `code` is its gRPC status code
+(design.md section 7), which one wrapper of every RPC sends
+(`minicache_client.serving.rpc_methods`), and the client SDK maps a status code back to
+the same class (`ERROR_FOR_STATUS`), so callers catch `NotFoundError` rather than
+inspect an RpcError. Messages never carry unbounded client input: `clipped` cuts what
+they quote.
 """
 
 from __future__ import annotations
 
 import grpc
+
+
+def clipped(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` UTF-8 bytes (marked, with its length, when cut);
+    always encodable, so it can go into status details or a log line."""
+    data = text.encode("utf-8", "backslashreplace")
+    if len(data) <= limit:
+        return data.decode("utf-8")
+    mark = f"... ({len(data)} bytes)"
+    return data[: max(limit - len(mark), 0)].decode("utf-8", "ignore") + mark
 
 
 class CacheError(Exception):

@@ -1,7 +1,10 @@
 """The cache protocol's requests and response streams, shared by the sync and async clients.
 
+- `check_id`, `check_tag`, `check_policy_text`, `requested_policy`: the rules of ids
+  (`MAX_ID_BYTES`), content tags (`MAX_TAG_BYTES`) and policies sent in a request
+  (`MAX_POLICY_BYTES`, `MAX_POLICY_NESTING`). The server applies the same functions to
+  what it receives, so the client and the server refuse the same values.
 - `sequence_ref`, `sequence_header`: validated protobuf names and headers.
-- `check_tag`: a write's opaque content tag (bytes, at most `MAX_TAG_BYTES`).
 - `carried_layers`: a put's layers as NumPy carriers, checked against one shape.
 - `put_requests`: a whole put as a stream (header, then every layer's chunks).
 - `PutProgress`: a streamed put, layer by layer; which layers are still missing.
@@ -12,7 +15,9 @@
   ascending layer order as soon as each is complete; compressed entries are verified
   (checksum) and restored here.
 
-Arguments the server would reject are rejected here first with `InvalidArgumentError`;
+Arguments the server would reject for their form (ids, tags, policy text, counts) are
+rejected here first with `InvalidArgumentError`; limits that are the server's settings
+(sizes, tokens, layers, budgets) are the server's to check;
 a server stream that breaks the protocol raises `InvalidArgumentError` or
 `FailedPreconditionError` (never a partial tensor); an entry that fails its checksum
 raises `CorruptDataError`.
@@ -21,6 +26,7 @@ raises `CorruptDataError`.
 from __future__ import annotations
 
 import numbers
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +39,9 @@ from minicache_client.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     OutOfRangeError,
+    clipped,
 )
+from minicache_client.policy import CompressionPolicy, request_policy
 from minicache_client.proto import cache_service_pb2 as pb
 from minicache_client.restore import restore_layer
 from minicache_client.tensors import as_carrier, check_dtype
@@ -51,6 +59,17 @@ MAX_UINT64 = (1 << 64) - 1
 # A sequence's content tag (SequenceHeader.tag): opaque bytes, e.g. a digest of the
 # tokens whose KV it holds. The server enforces the same limit.
 MAX_TAG_BYTES = 64
+# Model and sequence ids: printable ASCII without spaces (they name Redis keys and log
+# fields), at most this many bytes.
+MAX_ID_BYTES = 256
+_ID = re.compile(r"^[\x21-\x7e]+$")
+# A policy sent in a request: a preset name or policy JSON. A calibrated policy's JSON
+# takes about 5 KB and nests 5 levels; these bounds keep a hostile one from costing
+# the server memory or recursion.
+MAX_POLICY_BYTES = 64 << 10
+MAX_POLICY_NESTING = 32
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
 
 WIRE_FORMS = {"restored": pb.WIRE_FORM_RESTORED, "compressed": pb.WIRE_FORM_COMPRESSED}
 
@@ -83,11 +102,65 @@ def check_tag(tag: Any) -> bytes:
     return tag
 
 
+def check_id(value: Any, what: str) -> str:
+    """A model or sequence id: 1 to `MAX_ID_BYTES` printable ASCII characters, no spaces."""
+    rule = (
+        f"{what} must be a non-empty string of 1-{MAX_ID_BYTES} printable ASCII characters "
+        "without spaces"
+    )
+    if not isinstance(value, str):
+        raise InvalidArgumentError(f"{rule}, got {type(value).__name__}")
+    if not value:
+        raise InvalidArgumentError(f"{rule}, got an empty one")
+    if len(value) > MAX_ID_BYTES or not _ID.match(value):
+        raise InvalidArgumentError(f"{rule}, got {clipped(repr(value), 48)}")
+    return value
+
+
+def check_policy_text(policy: Any) -> str:
+    """A policy as a request carries it (a preset name or policy JSON, empty for the
+    server's default), at most `MAX_POLICY_BYTES`, nesting at most `MAX_POLICY_NESTING`
+    levels; whether it names a valid policy is `requested_policy`'s to say."""
+    if not isinstance(policy, str):
+        raise InvalidArgumentError(
+            f"policy must be a preset name or JSON text, got {type(policy).__name__}"
+        )
+    size = len(policy.encode("utf-8", "surrogatepass"))
+    if size > MAX_POLICY_BYTES:
+        raise InvalidArgumentError(
+            f"policy is {size} bytes, more than the limit of {MAX_POLICY_BYTES}: send a "
+            "preset name or a policy's JSON"
+        )
+    if _json_nesting(policy) > MAX_POLICY_NESTING:
+        raise InvalidArgumentError(
+            f"policy: JSON nests deeper than {MAX_POLICY_NESTING} levels; a policy nests 5"
+        )
+    return policy
+
+
+def _json_nesting(text: str) -> int:
+    """How deep the arrays and objects of JSON `text` nest (brackets in strings skipped)."""
+    depth = deepest = 0
+    for bracket in _JSON_BRACKET.findall(_JSON_STRING.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def requested_policy(text: str) -> CompressionPolicy:
+    """The policy a request names (a preset or JSON, within `check_policy_text`'s
+    bounds); InvalidArgumentError says what is wrong with it."""
+    check_policy_text(text)
+    try:
+        return request_policy(text)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise InvalidArgumentError(f"policy: {clipped(str(exc), 200)}") from None
+
+
 def sequence_ref(model_id: str, sequence_id: str) -> pb.SequenceRef:
-    for name, value in (("model_id", model_id), ("sequence_id", sequence_id)):
-        if not isinstance(value, str) or not value:
-            raise InvalidArgumentError(f"{name} must be a non-empty string, got {value!r}")
-    return pb.SequenceRef(model_id=model_id, sequence_id=sequence_id)
+    return pb.SequenceRef(
+        model_id=check_id(model_id, "model_id"), sequence_id=check_id(sequence_id, "sequence_id")
+    )
 
 
 def sequence_header(
@@ -114,8 +187,7 @@ def sequence_header(
             f"end_token ({end_token}) must exceed start_token ({start_token}): a write "
             "holds at least one token"
         )
-    if not isinstance(policy, str):
-        raise InvalidArgumentError(f"policy must be a preset name or JSON text, got {policy!r}")
+    check_policy_text(policy)
     if policy and start_token != 0:
         raise InvalidArgumentError(
             "policy can only be set by a write from token 0; an extension keeps the "

@@ -2,7 +2,8 @@
 calibration of compression policies.
 
     minicache-worker demo
-    minicache-worker serve --model smollm2 --cache-target 127.0.0.1:50051 --insecure 1
+    minicache-worker serve --cache-target 127.0.0.1:50051 --cache-insecure --insecure
+    minicache-worker serve --print-config
     minicache-worker eval --model smollm2 --policy default --json out.json
     minicache-worker eval --model smollm2 --policy all --json all.json --plot pareto.png
     minicache-worker calibrate --model smollm2 --out policy.json --report report.json
@@ -22,6 +23,7 @@ import json
 import logging
 import signal
 import sys
+import textwrap
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -269,10 +271,14 @@ def run_serve(args: argparse.Namespace) -> int:
     """Serve until SIGTERM or SIGINT, then drain: health NOT_SERVING at once, waiting
     turns refused, the running turn given MINICACHE_WORKER_GRACE_S to finish."""
     from minicache_client.serving.logs import configure_logging
+    from minicache_client.serving.settings import config_json
     from minicache_worker.worker_service import start_worker
     from minicache_worker.worker_settings import settings_from
 
     settings = settings_from(args)
+    if args.print_config:
+        print(config_json(settings))
+        return EXIT_OK
     configure_logging(settings.log_level, settings.log_format)
     log = logging.getLogger("minicache_worker")
     stopping = threading.Event()
@@ -326,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     summary, _, usage = __doc__.partition("\n\n")
     parser = argparse.ArgumentParser(
         prog="minicache-worker",
-        description=" ".join(summary.split()),
+        description=textwrap.fill(" ".join(summary.split()), 80),
         epilog="examples:\n" + usage,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -334,7 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser(
         "serve",
-        help="run the worker service (every flag also reads MINICACHE_WORKER_<FLAG>)",
+        help="run the worker service (every flag also reads MINICACHE_WORKER_<NAME>)",
+        description="Run the inference worker's gRPC service until SIGTERM or SIGINT: each "
+        "turn restores the session's KV from the cache service, generates, and stores the "
+        "new KV back. Every flag also reads the env var MINICACHE_WORKER_<NAME> (shown with "
+        "each flag); a flag wins over its env var, which wins over the default. A bad value "
+        f"stops start-up naming its variable (exit status {EXIT_USAGE}).",
     )
     settings_parser(serve)
     serve.set_defaults(handler=run_serve)

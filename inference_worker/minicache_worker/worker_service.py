@@ -4,8 +4,11 @@
 rendered as a new chat turn, `chat_turns`), runs it on the `TurnGenerator` and streams
 the tokens, then the summary. The model is CPU bound, so turns run one at a time
 (`TurnQueue`); up to `max_queue` more wait, beyond that a call gets RESOURCE_EXHAUSTED.
-Errors map to status codes in `STATUS_CODES`; anything else is INTERNAL, logged here
-with its traceback and never sent to the caller.
+The servicer only raises: the method is registered through
+`minicache_client.serving.rpc_methods` (the cache server's one wrapper), which maps
+errors to status codes with `STATUS_CODES`, answers undecodable requests
+INVALID_ARGUMENT, counts a caller that left as CANCELLED, and answers anything else
+INTERNAL, its traceback in the log only.
 
 `start_worker(settings, lm=None)` binds the port (port 0 picks a free one: tests use
 it), adds the library's health service and reflection, the bearer-token check, TLS when
@@ -31,16 +34,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from minicache_client import CacheClient, CacheError
-from minicache_client.policy import (
-    ModelShape,
-    policy_for_model,
-    request_policy,
-)
+from minicache_client import CacheClient, CacheError, InvalidArgumentError
+from minicache_client.policy import ModelShape, policy_for_model
 from minicache_client.proto import worker_service_pb2 as pb
 from minicache_client.proto import worker_service_pb2_grpc as pb_grpc
+from minicache_client.protocol import requested_policy
 from minicache_client.serving.auth import SyncAuthInterceptor, TokenAuth
 from minicache_client.serving.metrics import serve_metrics
+from minicache_client.serving.rpc_methods import RpcOutcomes, add_service
 from minicache_client.serving.settings import SettingsError, split_address
 from minicache_worker.chat_turns import user_turn_tokens
 from minicache_worker.generation import Residency, TurnGenerator, TurnRequest, TurnSummary
@@ -50,7 +51,8 @@ from minicache_worker.worker_settings import WorkerSettings, env_name
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["WorkerService"].full_name
+SERVICE = pb.DESCRIPTOR.services_by_name["WorkerService"]
+SERVICE_NAME = SERVICE.full_name
 SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Threads beyond the admitted turns: health checks, reflection and refusals are
 # answered while every admitted turn holds a thread.
@@ -77,6 +79,7 @@ class CallerGoneError(Exception):
 # Domain errors -> status codes, most specific first. A cache service error is never
 # the caller's: one that escapes the generator is a bug, reported as INTERNAL.
 STATUS_CODES: tuple[tuple[type[Exception], grpc.StatusCode | None], ...] = (
+    (CallerGoneError, grpc.StatusCode.CANCELLED),
     (CacheError, None),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -150,8 +153,10 @@ def check_policy(policy: str, shape: ModelShape) -> None:
     if not policy:
         return
     try:
-        policy_for_model(request_policy(policy), shape)
-    except (ValueError, TypeError, KeyError) as exc:
+        policy_for_model(requested_policy(policy), shape)
+    except InvalidArgumentError as exc:  # the request's fault, not the cache service's
+        raise ValueError(str(exc)) from None
+    except ValueError as exc:
         raise ValueError(f"policy: {exc}") from None
 
 
@@ -240,26 +245,12 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     def Generate(  # noqa: N802 - the RPC's name in the proto
         self, request: pb.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GenerateResponse]:
-        try:
-            generator = self.generator
-            if generator is None:
-                raise WorkerUnavailableError("the worker is loading its model: retry shortly")
-            turn = self.turn_request(
-                request, generator, self.sequence_id(request.session_id, context)
-            )
-            with self.queue.turn(context.is_active):
-                yield from self._stream_turn(generator, turn, context)
-        except CallerGoneError:
-            return
-        except Exception as exc:
-            code = status_code_of(exc)
-            if code is None:
-                log.exception("turn of session %s failed", request.session_id)
-                context.abort(
-                    grpc.StatusCode.INTERNAL,
-                    "the worker failed to generate this turn (the worker's log has details)",
-                )
-            context.abort(code, str(exc))
+        generator = self.generator
+        if generator is None:
+            raise WorkerUnavailableError("the worker is loading its model: retry shortly")
+        turn = self.turn_request(request, generator, self.sequence_id(request.session_id, context))
+        with self.queue.turn(context.is_active):
+            yield from self._stream_turn(generator, turn, context)
 
     def _stream_turn(
         self, generator: TurnGenerator, turn: TurnRequest, context: grpc.ServicerContext
@@ -367,7 +358,8 @@ def start_worker(settings: WorkerSettings, lm: LoadedModel | None = None) -> Wor
         interceptors=[SyncAuthInterceptor(auth)],
         options=[("grpc.so_reuseport", 0)],
     )
-    pb_grpc.add_WorkerServiceServicer_to_server(servicer, server)
+    # WorkerMetrics keeps no per-RPC counters: turns are counted by the generator.
+    add_service(server, SERVICE, servicer, RpcOutcomes(None, status_code_of, log))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server

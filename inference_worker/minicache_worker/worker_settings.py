@@ -22,7 +22,9 @@ from minicache_client.serving.auth import load_token_tenants
 from minicache_client.serving.settings import (
     SettingsError,
     add_setting_flags,
+    check_log_level,
     flag_name,
+    setting,
     setting_values,
 )
 
@@ -39,45 +41,139 @@ def env_name(field_name: str) -> str:
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    """Every setting, with its env var `MINICACHE_WORKER_<NAME>` and flag `--<name>`."""
+    """Every setting, with its env var `MINICACHE_WORKER_<NAME>` and flag `--<name>`;
+    each field's help is what `minicache-worker serve --help` prints for it."""
 
-    # gRPC and metrics endpoints ("host:port"; metrics_listen "" disables metrics).
-    listen: str = "127.0.0.1:50061"
-    metrics_listen: str = "127.0.0.1:9465"
-    # The model: a bundled name, a local .gguf file or a local Hugging Face directory.
-    model: str = "smollm2"
-    # The model name the session's KV is stored under in the cache service ("": the
-    # `model` setting). Workers that share sessions must use the same one.
-    model_id: str = ""
-    # The cache service ("": none; the worker generates with a plain local cache).
-    cache_target: str = ""
-    cache_token: str = ""
-    cache_token_file: str = ""
-    cache_tls_ca: str = ""
-    cache_insecure: bool = False
-    # Deadline of each short cache call (lookup, append, delete).
-    cache_timeout_s: float = 5.0
-    # Deadline of a prefill's streamed put and of a history's prefetch: both last as
-    # long as the prefill computes.
-    cache_stream_timeout_s: float = 300.0
+    # Endpoints.
+    listen: str = setting(
+        "127.0.0.1:50061",
+        "address the gRPC worker service binds, host:port (port 0 picks a free one)",
+        metavar="HOST:PORT",
+    )
+    metrics_listen: str = setting(
+        "127.0.0.1:9465",
+        "address of the Prometheus endpoint (GET /metrics), host:port; empty: no metrics",
+        metavar="HOST:PORT",
+    )
+    # The model.
+    model: str = setting(
+        "smollm2",
+        "the model: the bundled model's name (smollm2), a local .gguf file or a local "
+        "Hugging Face model directory",
+        metavar="MODEL",
+    )
+    model_id: str = setting(
+        "",
+        "name the sessions' KV is stored under in the cache service; empty: the --model "
+        "setting. Workers that share sessions must use the same one",
+        metavar="NAME",
+    )
+    # The cache service.
+    cache_target: str = setting(
+        "",
+        "the cache service, host:port; empty: no cache service, each turn recomputes its "
+        "history with a plain local cache",
+        metavar="HOST:PORT",
+    )
+    cache_token: str = setting(
+        "",
+        "bearer token presented to the cache service (prefer --cache-token-file: env and "
+        "arguments are visible to ps)",
+        metavar="TOKEN",
+        secret=True,
+    )
+    cache_token_file: str = setting(
+        "",
+        "file holding the bearer token for the cache service (surrounding whitespace "
+        "stripped); give this or --cache-token, not both",
+        metavar="PATH",
+    )
+    cache_tls_ca: str = setting(
+        "",
+        "PEM CA certificate of the cache service: talk to it over TLS",
+        metavar="PATH",
+    )
+    cache_insecure: bool = setting(
+        False,
+        "talk to the cache service in plaintext; with --cache-target, exactly one of "
+        "--cache-tls-ca and --cache-insecure",
+    )
+    cache_timeout_s: float = setting(
+        5.0, "deadline of each short cache call (lookup, append, delete)"
+    )
+    cache_stream_timeout_s: float = setting(
+        300.0,
+        "deadline of a prefill's streamed put and of a history's prefetch, which last as "
+        "long as the prefill computes; a longer prefill is not stored (the turn still answers)",
+    )
     # Defaults of requests that leave them unset.
-    residency: str = "local"  # local | remote
-    kv_dtype: str = ""  # "": the model's dtype (lossless with policy "none")
-    default_policy: str = ""  # "": the cache server's default; a preset or a JSON file
+    residency: str = setting(
+        "local",
+        "residency of turns that do not choose: local (the worker holds the turn's KV, each "
+        "step's KV is appended to the cache service) or remote (every decode step reads "
+        "the whole history back from the cache service)",
+        metavar="{local,remote}",
+    )
+    kv_dtype: str = setting(
+        "",
+        "dtype the KV travels and is stored in: float32, float16 or bfloat16; empty: the "
+        "model's, so policy none is lossless",
+        metavar="DTYPE",
+    )
+    default_policy: str = setting(
+        "",
+        "compression policy of turns that send none: a preset name or a policy JSON file; "
+        "empty: the cache server's default",
+        metavar="POLICY",
+    )
     # Security of the worker's own endpoint: as the cache server, it starts without
-    # TLS or without tokens only with insecure=1.
-    tls_cert: str = ""
-    tls_key: str = ""
-    tokens_file: str = ""  # lines "<token> <tenant>" ('#' starts a comment)
-    tokens: str = ""  # "<token>=<tenant>,..." (prefer the file: env is visible to ps)
-    insecure: bool = False
+    # TLS or without tokens only with insecure.
+    tls_cert: str = setting(
+        "",
+        "PEM certificate (chain) of the worker's endpoint; with --tls-key it speaks TLS",
+        metavar="PATH",
+    )
+    tls_key: str = setting("", "PEM private key of --tls-cert", metavar="PATH")
+    tokens_file: str = setting(
+        "",
+        "bearer tokens of the worker's callers, one line '<token> <tenant>' each ('#' "
+        "starts a comment; tokens of at least 16 characters)",
+        metavar="PATH",
+    )
+    tokens: str = setting(
+        "",
+        "more bearer tokens of callers, '<token>=<tenant>,...' (prefer --tokens-file: env "
+        "and arguments are visible to ps)",
+        metavar="TOKEN=TENANT,...",
+        secret=True,
+    )
+    insecure: bool = setting(
+        False,
+        "start without TLS or without tokens on the worker's own endpoint; when off, the "
+        "worker refuses to start unless --tls-cert, --tls-key and tokens are all set",
+    )
     # Requests.
-    max_new_tokens_limit: int = MAX_NEW_TOKENS_CEILING
-    max_queue: int = 8  # turns waiting behind the running one; more get RESOURCE_EXHAUSTED
+    max_new_tokens_limit: int = setting(
+        MAX_NEW_TOKENS_CEILING,
+        f"most tokens a turn may ask to generate (1 to {MAX_NEW_TOKENS_CEILING})",
+    )
+    max_queue: int = setting(
+        8, "turns that may wait behind the running one; more get RESOURCE_EXHAUSTED"
+    )
     # Process.
-    grace_s: float = 30.0  # on SIGTERM, how long the running turn may take to finish
-    log_level: str = "INFO"
-    log_format: str = "json"  # json | text
+    grace_s: float = setting(
+        30.0,
+        "on SIGTERM or SIGINT, how long the running turn may take to finish (health turns "
+        "NOT_SERVING and waiting turns are refused at once)",
+    )
+    log_level: str = setting(
+        "INFO", "least severe log level written: DEBUG, INFO, WARNING or ERROR", metavar="LEVEL"
+    )
+    log_format: str = setting(
+        "json",
+        "log lines on stderr as json (one object a line) or text",
+        metavar="{json,text}",
+    )
 
     def __post_init__(self) -> None:
         checks = [
@@ -121,6 +217,7 @@ class WorkerSettings:
         for ok, name, expected in checks:
             if not ok:
                 raise SettingsError(f"{env_name(name)} ({flag_name(name)}): must be {expected}")
+        check_log_level(self.log_level, env_name)
         for name in ("tls_cert", "tls_key", "tokens_file", "cache_token_file", "cache_tls_ca"):
             path = getattr(self, name)
             if path and not Path(path).is_file():
@@ -176,7 +273,8 @@ class WorkerSettings:
 
 
 def settings_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """One flag per setting (default None: unset flags fall back to the env var)."""
+    """One flag per setting (default None: unset flags fall back to the env var), and
+    `--print-config`."""
     parser = parser or argparse.ArgumentParser(prog="minicache-worker serve")
     return add_setting_flags(parser, WorkerSettings, env_name)
 

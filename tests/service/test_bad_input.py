@@ -357,11 +357,11 @@ CASES: dict[str, Case] = {
     "tenant_quota_exceeded": Case(C.RESOURCE_EXHAUSTED, r"tenant quota", over_quota()),
     # Ids and token ranges of a put.
     "empty_model_id": Case(
-        C.INVALID_ARGUMENT, r"model_id is empty", put_of(header("x", model_id=""))
+        C.INVALID_ARGUMENT, r"model_id must be a non-empty string", put_of(header("x", model_id=""))
     ),
     "empty_sequence_id": Case(
         C.INVALID_ARGUMENT,
-        r"sequence_id is empty",
+        r"sequence_id must be a non-empty string",
         lambda stub: stub.Lookup(pb.LookupRequest(sequence=ref("")), timeout=TIMEOUT),
     ),
     "sequence_id_with_space": Case(
@@ -369,7 +369,7 @@ CASES: dict[str, Case] = {
     ),
     "delete_empty_model_id": Case(
         C.INVALID_ARGUMENT,
-        r"model_id is empty",
+        r"model_id must be a non-empty string",
         lambda stub: stub.Delete(pb.DeleteRequest(sequence=ref(GOOD_ID, "")), timeout=TIMEOUT),
     ),
     "end_equals_start": Case(

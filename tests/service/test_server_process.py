@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 from service_fixtures import free_port
 
 from minicache_client.proto import cache_service_pb2 as pb
@@ -90,10 +91,17 @@ def test_serves_health_metrics_and_drains_on_sigterm() -> None:
             assert missing.value.code() == grpc.StatusCode.NOT_FOUND
         url = f"http://127.0.0.1:{metrics_port}/metrics"
         text = urllib.request.urlopen(url, timeout=5).read().decode()
-        assert 'minicache_requests_total{method="Stats",code="OK"} 1' in text
-        assert 'minicache_requests_total{method="Lookup",code="NOT_FOUND"} 1' in text
-        assert 'minicache_misses_total{reason="unknown_sequence"} 1' in text
-        assert "minicache_request_seconds_bucket" in text
+        samples = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+        requests = "minicache_requests_total"
+        assert samples[(requests, (("code", "OK"), ("method", "Stats")))] == 1
+        assert samples[(requests, (("code", "NOT_FOUND"), ("method", "Lookup")))] == 1
+        assert samples[("minicache_misses_total", (("reason", "unknown_sequence"),))] == 1
+        assert samples[("minicache_request_seconds_count", (("method", "Stats"),))] == 1
+        assert samples[("minicache_sequences", ())] == 0
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0
     finally:

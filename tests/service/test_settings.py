@@ -3,12 +3,23 @@ that stop start-up naming their env var."""
 
 from __future__ import annotations
 
+import argparse
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from minicache_client.serving.settings import SettingsError, parse_size
-from minicache_server.settings import ServerSettings, load_settings
+from minicache_client.serving.settings import (
+    MASK,
+    SettingsError,
+    add_setting_flags,
+    config_json,
+    masked_settings,
+    parse_size,
+    setting,
+)
+from minicache_server.settings import ServerSettings, env_name, load_settings
 
 INSECURE = {"MINICACHE_INSECURE": "1"}
 TOKEN_A = "token-of-tenant-a-0123456789"
@@ -108,7 +119,17 @@ def test_boolean_values(text: str, expected: bool, tmp_path: Path) -> None:
     secure = {"MINICACHE_TLS_CERT": str(cert), "MINICACHE_TLS_KEY": str(key)}
     secure["MINICACHE_TOKENS"] = f"{TOKEN_A}=a"
     assert load_settings([], {**secure, "MINICACHE_INSECURE": text}).insecure is expected
-    assert load_settings(["--insecure", text], secure).insecure is expected
+    # The flag is a switch: it wins over the env var either way.
+    switch = "--insecure" if expected else "--no-insecure"
+    opposite = "0" if expected else "1"
+    assert load_settings([switch], {**secure, "MINICACHE_INSECURE": opposite}).insecure is expected
+
+
+def test_a_switch_takes_no_value(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        load_settings(["--insecure", "1"], {})
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: 1" in capsys.readouterr().err
 
 
 def test_environ_defaults_to_the_process_environment(monkeypatch) -> None:
@@ -142,6 +163,10 @@ def test_environ_defaults_to_the_process_environment(monkeypatch) -> None:
         ("MINICACHE_TLS_CERT", "/nonexistent/cert.pem"),
         ("MINICACHE_TOKENS_FILE", "/nonexistent/tokens"),
         ("MINICACHE_REDIS_TLS_CA", "/nonexistent/ca.pem"),
+        ("MINICACHE_REDIS_PASSWORD_FILE", "/nonexistent/password"),
+        ("MINICACHE_LOG_LEVEL", "LOUD"),
+        ("MINICACHE_DEFAULT_POLICY", "no-such-preset"),
+        ("MINICACHE_DEFAULT_POLICY", "/nonexistent/policy.json"),
     ],
 )
 def test_bad_env_value_names_its_variable(name: str, value: str) -> None:
@@ -254,3 +279,59 @@ def test_same_token_twice_for_one_tenant_is_fine(tmp_path: Path) -> None:
         tokens_file=str(tokens_file), tokens=f"{TOKEN_A}=tenant-a", insecure=True
     )
     assert settings.token_tenants() == {TOKEN_A: "tenant-a"}
+
+
+# -- --print-config: the effective settings, secrets masked -------------------------------
+
+
+def test_masked_settings_hide_tokens_passwords_and_url_passwords(tmp_path: Path) -> None:
+    password_file = tmp_path / "redis-password"
+    password_file.write_text("file-password-0123456789\n")
+    settings = load_settings(
+        ["--redis-password-file", str(password_file)],
+        {
+            **INSECURE,
+            "MINICACHE_TOKENS": f"{TOKEN_A}=a,{TOKEN_B}=b",
+            "MINICACHE_REDIS_PASSWORD": "env-password-0123456789",
+            "MINICACHE_REDIS_URL": "rediss://minicache:url-password-0123@redis:6379/0",
+        },
+    )
+    shown = masked_settings(settings)
+    assert shown["tokens"] == MASK
+    assert shown["redis_password"] == MASK
+    assert shown["redis_url"] == f"rediss://minicache:{MASK}@redis:6379/0"
+    assert shown["redis_password_file"] == str(password_file)
+    assert shown["max_tokens"] == 1 << 17  # a count, not a secret
+    assert shown["tokens_file"] == ""  # unset secrets and paths show as they are
+    text = config_json(settings)
+    for secret in (TOKEN_A, TOKEN_B, "env-password", "url-password", "file-password"):
+        assert secret not in text
+    assert json.loads(text) == shown
+
+
+def test_a_setting_named_like_a_secret_is_masked_without_being_declared() -> None:
+    @dataclass(frozen=True)
+    class Named:
+        api_token: str = setting("", "a token nobody declared secret")
+        admin_password: str = setting("", "a password nobody declared secret")
+        session: str = setting("", "declared secret", secret=True)
+        url: str = setting("", "a URL without a password")
+
+    shown = masked_settings(
+        Named("tok-0123456789abcdef", "pw-0123456789", "sess-0123", "redis://user@host:1/0")
+    )
+    assert shown == {
+        "api_token": MASK,
+        "admin_password": MASK,
+        "session": MASK,
+        "url": "redis://user@host:1/0",
+    }
+
+
+def test_a_setting_without_help_has_no_flag() -> None:
+    @dataclass(frozen=True)
+    class Undocumented:
+        listen: str = field(default="127.0.0.1:1")
+
+    with pytest.raises(TypeError, match="listen has no help"):
+        add_setting_flags(argparse.ArgumentParser(), Undocumented, env_name)

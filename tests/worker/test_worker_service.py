@@ -4,6 +4,7 @@ the turn queue, and the chat-turn rendering."""
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import urllib.request
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from minicache_client import (
     CacheError,
@@ -44,6 +46,18 @@ from minicache_worker.worker_settings import (
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "service"))
 from service_fixtures import ServerThread, settings_for
+from test_hostile_input import (
+    BAD_UTF8,
+    HUGE_POLICY,
+    HUGE_POLICY_NAME,
+    NESTED_POLICY,
+    UNDECODABLE,
+    broken_utf8,
+)
+
+from minicache_client.proto import worker_service_pb2 as worker_pb
+from minicache_client.protocol import MAX_POLICY_BYTES
+from minicache_client.serving.rpc_methods import MAX_DETAILS_BYTES
 
 MAX_NEW_TOKENS_LIMIT = 64
 WORKER_TOKEN = "worker-token-0123456789"
@@ -242,6 +256,94 @@ def test_unexpected_failure_is_internal_without_details(
     assert "secret" not in str(raised.value)
 
 
+# -- hostile bytes (tests/service/test_hostile_input.py does the cache server) ---------------
+
+GENERATE = "/minicache.v1.WorkerService/Generate"
+
+
+def raw_generate(worker: WorkerServer, data: bytes, timeout: float = 10) -> list[bytes]:
+    """Generate with `data` as the request's bytes, through identity serializers."""
+    with grpc.insecure_channel(worker.address) as channel:
+        call = channel.unary_stream(GENERATE, request_serializer=None, response_deserializer=None)
+        return list(call(data, timeout=timeout))
+
+
+def hostile_generate_cases() -> list:
+    cases = [pytest.param(data, id=name) for name, data in UNDECODABLE.items()]
+    for field in ("session_id", "user_message", "policy"):
+        values = {"session_id": "hostile", "user_message": "Hi", "policy": "none", field: "Q~Q"}
+        request = worker_pb.GenerateRequest(max_new_tokens=1, **values)
+        for name, bad in BAD_UTF8.items():
+            data = broken_utf8(request, "Q~Q", bad)
+            cases.append(pytest.param(data, id=f"{field}-{name}"))
+    return cases
+
+
+def assert_no_error_logged(caplog: pytest.LogCaptureFixture) -> None:
+    for record in caplog.records:
+        assert record.levelno < logging.ERROR, f"ERROR logged: {record.getMessage()[:300]}"
+        assert record.exc_info is None, f"traceback logged: {record.getMessage()[:300]}"
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("data", hostile_generate_cases())
+def test_undecodable_generate_is_invalid_argument(
+    worker: WorkerServer, caplog: pytest.LogCaptureFixture, data: bytes
+) -> None:
+    caplog.set_level(logging.INFO)
+    with pytest.raises(grpc.RpcError) as raised:
+        raw_generate(worker, data)
+    assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid minicache.v1.GenerateRequest message" in raised.value.details()
+    assert len(raised.value.details().encode()) <= MAX_DETAILS_BYTES
+    assert_no_error_logged(caplog)
+
+
+@pytest.mark.model
+@pytest.mark.parametrize(
+    ("policy", "message"),
+    [
+        (NESTED_POLICY, "nests deeper than"),
+        (HUGE_POLICY, f"more than the limit of {MAX_POLICY_BYTES}"),
+        (HUGE_POLICY_NAME, "unknown policy 'ppp"),
+    ],
+    ids=["nested", "huge_json", "huge_name"],
+)
+def test_hostile_policy_is_invalid_argument_with_bounded_details(
+    worker: WorkerServer, caplog: pytest.LogCaptureFixture, policy: str, message: str
+) -> None:
+    caplog.set_level(logging.INFO)
+    request = worker_pb.GenerateRequest(
+        session_id="hostile", user_message="Hi", max_new_tokens=1, policy=policy
+    )
+    with pytest.raises(grpc.RpcError) as raised:
+        raw_generate(worker, request.SerializeToString())
+    details = raised.value.details()
+    assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT, details[:300]
+    assert message in details and len(details.encode()) <= MAX_DETAILS_BYTES
+    assert_no_error_logged(caplog)
+
+
+@pytest.mark.model
+def test_generate_cancelled_mid_stream_is_no_server_error(
+    worker: WorkerServer, client: WorkerClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    request = worker_pb.GenerateRequest(
+        session_id="hostile-cancel", user_message="Tell me a story.", max_new_tokens=32
+    )
+    with grpc.insecure_channel(worker.address) as channel:
+        call = channel.unary_stream(GENERATE, request_serializer=None, response_deserializer=None)
+        responses = call(request.SerializeToString(), timeout=30)
+        first = worker_pb.GenerateResponse.FromString(next(responses))
+        assert first.WhichOneof("event") == "token"
+        responses.cancel()
+    # Queued behind the cancelled turn: runs once that one stopped.
+    assert client.turn("after-cancel", user_message="Hi", max_new_tokens=1).generated_tokens == 1
+    assert worker.servicer.queue.waiting == 0
+    assert_no_error_logged(caplog)
+
+
 # -- auth, health, metrics ------------------------------------------------------------------
 
 
@@ -301,8 +403,20 @@ def test_metrics_endpoint_counts_turns(guarded_worker: WorkerServer) -> None:
     url = f"http://127.0.0.1:{guarded_worker.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as response:
         text = response.read().decode()
-    assert 'minicache_worker_turns_total{residency="local"}' in text
-    assert "minicache_worker_generated_tokens_total" in text
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in families.values()
+        for sample in family.samples
+    }
+    assert samples[("minicache_worker_turns_total", (("residency", "local"),))] >= 1
+    assert samples[("minicache_worker_generated_tokens_total", ())] >= 1
+    assert samples[("minicache_worker_prefilled_tokens_total", ())] >= 1
+    ttft = "minicache_worker_time_to_first_token_seconds_count"
+    assert samples[(ttft, (("resumed", "false"),))] >= 1
+    assert families["minicache_worker_time_to_first_token_seconds"].type == "histogram"
+    for counter in ("resumed_turns", "recomputes", "store_failures"):
+        assert families[f"minicache_worker_{counter}"].type == "counter"
 
 
 @pytest.mark.model
@@ -451,12 +565,12 @@ def test_serve_refuses_bad_settings_naming_the_variable(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("MINICACHE_WORKER_RESIDENCY", "everywhere")
-    assert main(["serve", "--insecure", "1"]) == 2
+    assert main(["serve", "--insecure"]) == 2
     assert "MINICACHE_WORKER_RESIDENCY" in capsys.readouterr().err
 
 
 def test_serve_subcommand_reads_the_settings() -> None:
-    args = build_parser().parse_args(["serve", "--insecure", "1", "--cache-timeout-s", "2.5"])
+    args = build_parser().parse_args(["serve", "--insecure", "--cache-timeout-s", "2.5"])
     settings = settings_from(args, environ={})
     assert settings.insecure and settings.cache_timeout_s == 2.5
     assert settings.cache_client_config() is None

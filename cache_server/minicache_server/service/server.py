@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from types import ModuleType
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 import numpy as np
@@ -21,13 +21,12 @@ from grpc_reflection.v1alpha import reflection
 
 from minicache_client.policy import load_policy
 from minicache_client.proto import cache_service_pb2 as pb
-from minicache_client.proto import cache_service_pb2_grpc as pb_grpc
 from minicache_client.serving.auth import AuthInterceptor, TokenAuth
 from minicache_client.serving.metrics import serve_metrics
 from minicache_client.serving.settings import SettingsError, split_address
 from minicache_server.metrics import CacheMetrics
 from minicache_server.sequence_store import Limits, SequenceStore
-from minicache_server.service.servicer import CacheServicer
+from minicache_server.service.servicer import add_cache_service
 from minicache_server.settings import ServerSettings
 from minicache_server.tiers.device_tier import DeviceTier
 from minicache_server.tiers.redis_tier import RedisTier
@@ -63,7 +62,7 @@ class CacheServer:
     store: SequenceStore
     health: health.aio.HealthServicer
     metrics: CacheMetrics
-    metrics_http: ThreadingHTTPServer | None
+    metrics_http: WSGIServer | None  # prometheus-client's server; None: metrics off
     settings: ServerSettings
     health_server: grpc.aio.Server | None = None
     health_port: int | None = None
@@ -119,10 +118,8 @@ async def start_server(settings: ServerSettings) -> CacheServer:
         max_layers=settings.max_layers,
         tenant_quota_bytes=settings.tenant_quota_bytes,
     )
-    try:  # a bad default policy stops start-up, not the first put
-        default_policy = load_policy(settings.default_policy)
-    except ValueError as exc:
-        raise SettingsError(f"MINICACHE_DEFAULT_POLICY: {exc}") from None
+    # ServerSettings refused a bad default policy already, naming its variable.
+    default_policy = load_policy(settings.default_policy)
     store = SequenceStore(device_tier, overflow, metrics, limits, default_policy)
     auth = TokenAuth(settings.token_tenants())
     server = grpc.aio.server(
@@ -133,7 +130,7 @@ async def start_server(settings: ServerSettings) -> CacheServer:
             ("grpc.so_reuseport", 0),
         ],
     )
-    pb_grpc.add_CacheServiceServicer_to_server(CacheServicer(store, auth, metrics), server)
+    add_cache_service(server, store, auth, metrics)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import grpc
 
+from minicache_client.serving.rpc_methods import HANDLER_FACTORIES
 from minicache_client.serving.settings import SettingsError
 
 PUBLIC_PREFIX = "/grpc.health.v1.Health/"
@@ -134,18 +135,9 @@ class SyncAuthInterceptor(grpc.ServerInterceptor):
         return _refusing_sync(handler)
 
 
-# (request_streaming, response_streaming) -> the handler factory of that shape.
-_HANDLER_FACTORIES = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
-
-
 def _same_shape(handler: grpc.RpcMethodHandler, behaviour: Callable) -> grpc.RpcMethodHandler:
     shape = (bool(handler.request_streaming), bool(handler.response_streaming))
-    return _HANDLER_FACTORIES[shape](
+    return HANDLER_FACTORIES[shape](
         behaviour,
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
