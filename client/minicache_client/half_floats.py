@@ -39,8 +39,8 @@ _REBIAS_AND_HALF = _U32(0xC8000FFF)
 _SUBNORMAL_MAGIC = np.float32(0.5)
 _SUBNORMAL_MAGIC_BITS = _U32(0x3F000000)
 
-_FLOAT32_OF_HALF = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
-_FLOAT32_OF_HALF = _FLOAT32_OF_HALF.astype(np.float32)
+FLOAT32_OF_HALF = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+FLOAT32_OF_HALF = FLOAT32_OF_HALF.astype(np.float32)
 _THREAD_SCRATCH = threading.local()
 
 
@@ -51,7 +51,7 @@ def float16_to_float32(array: np.ndarray) -> np.ndarray:
     flat_bits, flat_out = bits.reshape(-1), out.reshape(-1)
     for first in range(0, flat_bits.size, CHUNK_VALUES):
         last = first + CHUNK_VALUES
-        np.take(_FLOAT32_OF_HALF, flat_bits[first:last], out=flat_out[first:last])
+        np.take(FLOAT32_OF_HALF, flat_bits[first:last], out=flat_out[first:last])
     return out
 
 

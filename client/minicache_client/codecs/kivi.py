@@ -36,11 +36,10 @@ from minicache_client.bit_packing import (
     SUPPORTED_BITS,
     code_offsets,
     pack_rows,
-    padded_codes,
     row_bytes,
 )
+from minicache_client.codecs import kivi_kernels
 from minicache_client.codecs.base import Codec, check_stored, concat_tokens
-from minicache_client.half_floats import CHUNK_VALUES
 
 MODES = ("per_channel", "per_token")
 
@@ -69,41 +68,67 @@ def _join_tokens(parts: Sequence[Any]) -> Any:
     return xp.concatenate(kept, axis=1)
 
 
-def quantize_blocks(tokens: Any, bits: int, mode: str, group_size: int, block_tokens: int):
-    """Quantize float32 `[kv_heads, n, head_dim]` (n a multiple of `block_tokens`, or
-    one partial block). Returns (packed rows, scale, center) in the stored layout."""
-    xp = array_namespace(tokens)
-    heads, count, dim = tokens.shape
-    if mode == "per_channel":
-        block = min(block_tokens, count)
-        grouped = tokens.reshape(heads, count // block, block, dim)
-        reduce_axis = 2
-        low, high = grouped.min(axis=2, keepdims=True), grouped.max(axis=2, keepdims=True)
-    else:
-        grouped = tokens.reshape(heads, count, dim // group_size, group_size)
-        reduce_axis = 3
-        # A reduction along a short contiguous axis is slow (NumPy: ~1.8 ns a value);
-        # one transposed copy makes both reductions run across whole rows instead.
-        columns = xp.ascontiguousarray(grouped.reshape(-1, group_size).T)
-        stats_shape = (heads, count, dim // group_size, 1)
-        low = columns.min(axis=0).reshape(stats_shape)
-        high = columns.max(axis=0).reshape(stats_shape)
+def _statistics(low: Any, high: Any, bits: int) -> tuple[Any, Any, Any, Any]:
+    """From group extremes: the stored (scale, center), and the float32 (center, step)
+    that codes are computed against (step is the scale, 1 where the scale is 0)."""
+    xp = array_namespace(low, high)
     # Statistics are few: float64 keeps (high - low) exact and free of overflow.
     low, high = low.astype(xp.float64), high.astype(xp.float64)
     levels = (1 << bits) - 1
     scale = _stored_statistic((high - low) / levels)
     center = _stored_statistic((high + low) / 2)
     step = scale.astype(xp.float32)
-    step = xp.where(step > 0, step, 1)
-    # In place after the first operation: each fresh temporary of a layer's size would
-    # cost its own page faults.
-    codes = grouped - center.astype(xp.float32)
-    codes /= step
-    codes += levels / 2
-    xp.rint(codes, out=codes)
-    xp.clip(codes, 0, levels, out=codes)
-    codes = codes.astype(xp.uint8).reshape(heads, count, dim)
+    return scale, center, center.astype(xp.float32), xp.where(step > 0, step, 1)
+
+
+def quantize_blocks(tokens: Any, bits: int, mode: str, group_size: int, block_tokens: int):
+    """Quantize float32 `[kv_heads, n, head_dim]` (n a multiple of `block_tokens`, or
+    one partial block) with array operations. Returns (packed rows, scale, center) in
+    the stored layout."""
+    xp = array_namespace(tokens)
+    heads, count, dim = tokens.shape
+    if mode == "per_channel":
+        block = min(block_tokens, count)
+        grouped = tokens.reshape(heads, count // block, block, dim)
+        reduce_axis = 2
+    else:
+        grouped = tokens.reshape(heads, count, dim // group_size, group_size)
+        reduce_axis = 3
+    low = grouped.min(axis=reduce_axis, keepdims=True)
+    high = grouped.max(axis=reduce_axis, keepdims=True)
+    scale, center, center32, step = _statistics(low, high, bits)
+    levels = (1 << bits) - 1
+    codes = xp.rint((grouped - center32) / step + levels / 2)
+    codes = xp.clip(codes, 0, levels).astype(xp.uint8).reshape(heads, count, dim)
     return pack_rows(codes, bits), xp.squeeze(scale, reduce_axis), xp.squeeze(center, reduce_axis)
+
+
+def quantize_blocks_compiled(
+    tokens: np.ndarray, dtype: str, bits: int, mode: str, group_size: int, block_tokens: int
+):
+    """`quantize_blocks` by the compiled kernels, straight from the carrier of `dtype`
+    (NumPy, `kivi_kernels.usable`): the same codes and statistics."""
+    heads, count, dim = tokens.shape
+    kind, carrier = kivi_kernels.carrier_bits(tokens, dtype)
+    if mode == "per_channel":
+        block = min(block_tokens, count)
+        stats_shape, columns = (heads, count // block, dim), 1
+        stat_rows = np.arange(count) // block
+    else:
+        block = 0
+        stats_shape, columns = (heads, count, dim // group_size), group_size
+        stat_rows = np.arange(count)
+    low = np.empty(stats_shape, np.float32)
+    high = np.empty(stats_shape, np.float32)
+    extremes = kivi_kernels.extremes_kernel(kind, columns, block)
+    for head in range(heads):
+        extremes(carrier[head], low[head], high[head])
+    scale, center, center32, step = _statistics(low, high, bits)
+    codes = np.empty((heads, count, row_bytes(dim, bits)), np.uint8)
+    quantize = kivi_kernels.quantize_kernel(bits, columns, kind)
+    for head in range(heads):
+        quantize(carrier[head], stat_rows, center32[head], step[head], codes[head])
+    return codes, scale, center
 
 
 @dataclass
@@ -194,27 +219,28 @@ class KiviStream(Codec):
         """Move the tail's first `count` tokens (whole blocks, or one partial block)
         into the quantized arrays."""
         xp = array_namespace(self.tail)
-        step = count
-        if xp is np:
-            # A few whole blocks at a time, so the float32 intermediates stay in cache.
-            per_block = self.kv_heads * self.head_dim * self.block_tokens
-            step = min(count, max(1, CHUNK_VALUES // per_block) * self.block_tokens)
-        pieces = [
-            quantize_blocks(
-                widen_to_float32(self.tail[:, lo : min(count, lo + step)], self.dtype),
+        if kivi_kernels.usable(xp, self.bits):
+            codes, scale, center = quantize_blocks_compiled(
+                self.tail[:, :count],
+                self.dtype,
                 self.bits,
                 self.mode,
                 self.group_size,
                 self.block_tokens,
             )
-            for lo in range(0, count, step)
-        ]
-        codes, scales, centers = zip(*pieces, strict=True)
-        self.codes = _join_tokens([self.codes, *codes])
-        self.scale = _join_tokens([self.scale, *scales])
-        self.center = _join_tokens([self.center, *centers])
+        else:
+            codes, scale, center = quantize_blocks(
+                widen_to_float32(self.tail[:, :count], self.dtype),
+                self.bits,
+                self.mode,
+                self.group_size,
+                self.block_tokens,
+            )
+        self.codes = _join_tokens([self.codes, codes])
+        self.scale = _join_tokens([self.scale, scale])
+        self.center = _join_tokens([self.center, center])
         if self.mode == "per_channel":
-            blocks = sum(scale.shape[1] for scale in scales)
+            blocks = scale.shape[1]
             size = count // blocks
             first = self.quantized_tokens - count
             ends = first + size * xp.arange(1, blocks + 1, dtype=xp.int64)
@@ -225,46 +251,54 @@ class KiviStream(Codec):
 
     def _dequantize_into(self, out: Any, start: int, end: int, dtype: str) -> None:
         """Restore quantized tokens [start, end) (indices into the quantized part) into
-        `out`, `[kv_heads, end - start, head_dim]` in the carrier of `dtype`.
-
-        On NumPy one head and a few whole blocks at a time, so the float32 intermediates
-        stay in cache and each piece of `out` is contiguous; CuPy takes it in one piece."""
+        `out`, `[kv_heads, end - start, head_dim]` in the carrier of `dtype`."""
         xp = array_namespace(self.codes)
-        if xp is not np:
-            narrow_into(self._dequantize(slice(None), start, end), out, dtype)
+        if kivi_kernels.usable(xp, self.bits) and self._dequantize_compiled(out, start, end, dtype):
             return
-        blocks = max(1, CHUNK_VALUES // (padded_codes(self.head_dim) * self.block_tokens))
-        step = blocks * self.block_tokens
-        for head in range(self.kv_heads):
-            heads = slice(head, head + 1)
-            for lo in range(start, end, step):
-                hi = min(end, lo + step)
-                target = out[heads, lo - start : hi - start]
-                narrow_into(self._dequantize(heads, lo, hi), target, dtype)
+        narrow_into(self._dequantize(start, end), out, dtype)
 
-    def _dequantize(self, heads: slice, start: int, end: int) -> Any:
-        """Quantized tokens [start, end) of `heads` as float32
-        `[heads, end - start, head_dim]`."""
+    def _statistic_rows(self, start: int, end: int) -> tuple[Any, Any, Any]:
+        """(scale, center, row of each token in them) for quantized tokens [start, end)."""
         xp = array_namespace(self.codes)
-        count = end - start
-        offsets = code_offsets(self.codes[heads, start:end], self.bits, self.head_dim)
         if self.mode == "per_token":
-            shaped = offsets.reshape(offsets.shape[0], count, -1, self.group_size)
-            shaped *= self.scale[heads, start:end, :, None].astype(xp.float32)
-            shaped += self.center[heads, start:end, :, None].astype(xp.float32)
-            return offsets
+            rows = xp.arange(end - start)
+            return self.scale[:, start:end], self.center[:, start:end], rows
         ends = self.block_ends
         first = int(xp.searchsorted(ends, start, side="right"))
         last = int(xp.searchsorted(ends, end - 1, side="right")) + 1
-        scale = self.scale[heads, first:last].astype(xp.float32)
-        center = self.center[heads, first:last].astype(xp.float32)
         # The block of each token, counted from `first`.
         rows = xp.searchsorted(ends[first:last], xp.arange(start, end), side="right")
-        if count % self.block_tokens == 0 and bool(
+        return self.scale[:, first:last], self.center[:, first:last], rows
+
+    def _dequantize_compiled(self, out: Any, start: int, end: int, dtype: str) -> bool:
+        """The kernels' restore; False when a value needs the array path."""
+        scale, center, rows = self._statistic_rows(start, end)
+        scale, center = scale.astype(np.float32), center.astype(np.float32)
+        columns = 1 if self.mode == "per_channel" else self.group_size
+        kind, target = kivi_kernels.carrier_bits(out, dtype)
+        dequantize = kivi_kernels.dequantize_kernel(self.bits, columns, kind)
+        return all(
+            dequantize(self.codes[head, start:end], rows, scale[head], center[head], target[head])
+            for head in range(self.kv_heads)
+        )
+
+    def _dequantize(self, start: int, end: int) -> Any:
+        """Quantized tokens [start, end) as float32 `[kv_heads, end - start, head_dim]`,
+        by array operations."""
+        xp = array_namespace(self.codes)
+        count = end - start
+        offsets = code_offsets(self.codes[:, start:end], self.bits, self.head_dim)
+        scale, center, rows = self._statistic_rows(start, end)
+        scale, center = scale.astype(xp.float32), center.astype(xp.float32)
+        if self.mode == "per_token":
+            shaped = offsets.reshape(self.kv_heads, count, -1, self.group_size)
+            shaped *= scale[..., None]
+            shaped += center[..., None]
+        elif count % self.block_tokens == 0 and bool(
             (rows == xp.arange(count) // self.block_tokens).all()
         ):
             # Whole blocks of one size: the statistics broadcast, no gather.
-            shaped = offsets.reshape(offsets.shape[0], last - first, self.block_tokens, -1)
+            shaped = offsets.reshape(self.kv_heads, scale.shape[1], self.block_tokens, -1)
             shaped *= scale[:, :, None]
             shaped += center[:, :, None]
         else:
