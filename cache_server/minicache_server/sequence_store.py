@@ -1,6 +1,7 @@
 """The cache server's domain: sequences of tenants, their entries in the tiers.
 
-Primitives (called by the gRPC servicer, one per RPC):
+Primitives (called by the gRPC servicer, one per RPC, with the protobuf-free types of
+`minicache_server.domain`; the servicer converts the messages):
 
 - `begin_put(tenant, header) -> PutSession`, then, inside `with session:`,
   `PutSession.add_chunk(chunk)` per chunk and `PutSession.commit()`: a write from token 0
@@ -13,15 +14,18 @@ Primitives (called by the gRPC servicer, one per RPC):
   and for all puts in progress together, released when the `with` block ends. A
   committed write sets the sequence's tag (opaque bytes, a label of its content) to
   the header's, empty clearing it; `lookup` returns it.
-- `prefetch(tenant, request)`: async iterator of restored layers or stored entries.
-- `lookup`, `delete`, `stats`.
+- `prefetch(tenant, query)`: async iterator of the answer's `SequenceHeader`, then
+  `RestoredLayer`s or `StoredEntry`s.
+- `lookup -> LookupResult`, `delete -> bool`, `stats -> StatsResult`; a commit's
+  `put_result -> PutResult` (`minicache_client.results`, what the client gets too).
 
 Entries live in the device tier under its byte budget; admission evicts least recently
 used entries of idle sequences to Redis, freeing each only after Redis acknowledged. A
 prefetch or extension of an overflowed entry promotes it back. An entry that fails
 verification on its way back loses the whole sequence: it is deleted and reads miss.
 Errors are the typed `minicache_client.errors` classes; the servicer maps them to codes.
-Ids, tags and policy text follow `minicache_client.protocol`'s rules, the client's own.
+Ids and tags arrive checked (`minicache_client.protocol`'s rules, the client's own, applied
+as the messages are converted); policy text is checked here by the same rules.
 """
 
 from __future__ import annotations
@@ -60,11 +64,19 @@ from minicache_client.policy import (
     ModelShape,
     policy_for_model,
 )
-from minicache_client.proto import cache_service_pb2 as pb
-from minicache_client.protocol import MAX_TAG_BYTES, check_id, requested_policy
+from minicache_client.protocol import requested_policy
 from minicache_client.restore import restore_group
+from minicache_client.results import LookupResult, PutResult, StatsResult
 from minicache_client.sequence_encoder import SequenceEncoder, check_finite
-from minicache_client.wire import DTYPE_TO_WIRE, LayerAssembler, dtype_from_wire, layer_chunks
+from minicache_client.wire import LayerAssembler
+from minicache_server.domain import (
+    LayerChunk,
+    PrefetchQuery,
+    RestoredLayer,
+    SequenceHeader,
+    SequenceRef,
+    StoredEntry,
+)
 from minicache_server.metrics import CacheMetrics
 from minicache_server.tiers.device_tier import DeviceTier, EntryKey, held_bytes
 from minicache_server.tiers.redis_tier import OverflowUnavailableError, RedisTier
@@ -135,15 +147,11 @@ def sequence_label(model_id: str, sequence_id: str) -> str:
 class PutSession:
     """One write in progress (see the module docstring)."""
 
-    def __init__(self, store: SequenceStore, tenant: str, header: pb.SequenceHeader) -> None:
+    def __init__(self, store: SequenceStore, tenant: str, header: SequenceHeader) -> None:
         self.store = store
         self.tenant = tenant
-        self.model_id = check_id(header.sequence.model_id, "model_id")
-        self.sequence_id = check_id(header.sequence.sequence_id, "sequence_id")
-        if len(header.tag) > MAX_TAG_BYTES:
-            raise InvalidArgumentError(
-                f"tag is {len(header.tag)} bytes, more than the limit of {MAX_TAG_BYTES}"
-            )
+        self.model_id = header.sequence.model_id
+        self.sequence_id = header.sequence.sequence_id
         self.tag = header.tag
         limits = store.limits
         for name, value, limit in (
@@ -155,7 +163,7 @@ class PutSession:
                 raise InvalidArgumentError(f"{name} must be >= 1")
             if value > limit:
                 raise ResourceExhaustedError(f"{name} {value} is above this server's limit {limit}")
-        self.dtype = dtype_from_wire(header.dtype)
+        self.dtype = header.dtype
         self.start, self.end = header.start_token, header.end_token
         if self.end <= self.start:
             raise InvalidArgumentError(
@@ -253,7 +261,7 @@ class PutSession:
         raw_layers = assembling + waiting + len(self.layers)
         return raw_layers * self.layer_bytes + self.encoded_bytes
 
-    def _check_extension(self, header: pb.SequenceHeader) -> None:
+    def _check_extension(self, header: SequenceHeader) -> None:
         existing = self.existing
         if existing is None:
             raise NotFoundError(
@@ -278,7 +286,7 @@ class PutSession:
             raise InvalidArgumentError("an extension cannot change the sequence's policy")
         self.policy = existing.policy
 
-    async def add_chunk(self, chunk: pb.LayerChunk) -> None:
+    async def add_chunk(self, chunk: LayerChunk) -> None:
         size = len(chunk.keys) + len(chunk.values)
         if size > self.store.limits.max_chunk_bytes:
             raise ResourceExhaustedError(
@@ -369,16 +377,16 @@ class SequenceStore:
             )
         return chosen
 
-    def begin_put(self, tenant: str, header: pb.SequenceHeader) -> PutSession:
+    def begin_put(self, tenant: str, header: SequenceHeader) -> PutSession:
         return PutSession(self, tenant, header)
 
-    def _find(self, tenant: str, ref: pb.SequenceRef) -> StoredSequence:
-        model_id = check_id(ref.model_id, "model_id")
-        sequence_id = check_id(ref.sequence_id, "sequence_id")
-        sequence = self.sequences.get((tenant, model_id, sequence_id))
+    def _find(self, tenant: str, ref: SequenceRef) -> StoredSequence:
+        sequence = self.sequences.get((tenant, ref.model_id, ref.sequence_id))
         if sequence is None:
             self.metrics.misses.inc(reason="unknown_sequence")
-            raise NotFoundError(f"sequence {sequence_label(model_id, sequence_id)} is not held")
+            raise NotFoundError(
+                f"sequence {sequence_label(ref.model_id, ref.sequence_id)} is not held"
+            )
         return sequence
 
     # -- accounting ------------------------------------------------------------------
@@ -628,47 +636,42 @@ class SequenceStore:
 
     # -- reads ------------------------------------------------------------------------
 
-    async def prefetch(self, tenant: str, request: pb.PrefetchRequest) -> AsyncIterator[Any]:
-        """Yields a SequenceHeader, then LayerChunk (restored) or EntryChunk messages."""
-        sequence = self._find(tenant, request.sequence)
-        start = request.start_token
-        end = request.end_token or sequence.tokens
+    async def prefetch(
+        self, tenant: str, query: PrefetchQuery
+    ) -> AsyncIterator[SequenceHeader | RestoredLayer | StoredEntry]:
+        """Yields the answer's header, then the requested layers restored (in layer
+        order) or, for the compressed form, the stored entries that hold them."""
+        sequence = self._find(tenant, query.sequence)
+        start = query.start_token
+        end = sequence.tokens if query.end_token is None else query.end_token
         if not start < end <= sequence.tokens:
             raise OutOfRangeError(
                 f"token range [{start}, {end}) is outside the sequence's {sequence.tokens} tokens"
             )
-        first = request.first_layer
-        end_layer = request.end_layer or sequence.num_layers
+        first = query.first_layer
+        end_layer = sequence.num_layers if query.end_layer is None else query.end_layer
         if not first < end_layer <= sequence.num_layers:
             raise OutOfRangeError(
                 f"layers [{first}, {end_layer}) are outside the sequence's "
                 f"{sequence.num_layers} layers"
             )
-        compressed = request.wire_form == pb.WIRE_FORM_COMPRESSED
-        if (
-            request.wire_form not in (pb.WIRE_FORM_UNSPECIFIED, pb.WIRE_FORM_RESTORED)
-            and not compressed
-        ):
-            raise InvalidArgumentError(f"unknown wire_form {request.wire_form}")
-        dtype = sequence.dtype
-        if request.dtype != pb.DTYPE_UNSPECIFIED:
-            dtype = dtype_from_wire(request.dtype)
-            if compressed and dtype != sequence.dtype:
-                raise InvalidArgumentError(
-                    "the compressed wire form carries the stored dtype: restore into another "
-                    "dtype on the client"
-                )
-        yield pb.SequenceHeader(
-            sequence=request.sequence,
+        compressed = query.compressed
+        dtype = sequence.dtype if query.dtype is None else query.dtype
+        if compressed and dtype != sequence.dtype:
+            raise InvalidArgumentError(
+                "the compressed wire form carries the stored dtype: restore into another "
+                "dtype on the client"
+            )
+        yield SequenceHeader(
+            sequence=query.sequence,
             num_layers=sequence.num_layers,
             kv_heads=sequence.kv_heads,
             head_dim=sequence.head_dim,
-            dtype=DTYPE_TO_WIRE[dtype],
+            dtype=dtype,
             start_token=start,
             end_token=end,
             policy=sequence.policy.to_json() if compressed else "",
         )
-        chunk_bytes = self.limits.max_chunk_bytes
         # Groups in layer order; a merged pair's direction is decoded once for both layers.
         groups = dict.fromkeys(sequence.group_of(layer) for layer in range(first, end_layer))
         for group in groups:
@@ -682,44 +685,31 @@ class SequenceStore:
                 else:
                     restored = await asyncio.to_thread(restore_group, entry, start, end, dtype)
             if compressed:
-                for offset in range(0, len(data), chunk_bytes):
-                    yield pb.EntryChunk(
-                        layers=list(entry.layers),
-                        total_bytes=len(data),
-                        offset=offset,
-                        data=data[offset : offset + chunk_bytes],
-                    )
+                yield StoredEntry(layers=tuple(entry.layers), data=data)
                 continue
             for layer, keys, values in restored:
                 if first <= layer < end_layer:
-                    for chunk in layer_chunks(
-                        layer, to_numpy(keys), to_numpy(values), dtype, chunk_bytes
-                    ):
-                        yield chunk
+                    yield RestoredLayer(layer, to_numpy(keys), to_numpy(values), dtype)
 
-    def lookup(self, tenant: str, ref: pb.SequenceRef) -> pb.LookupResponse:
+    def lookup(self, tenant: str, ref: SequenceRef) -> LookupResult:
         sequence = self._find(tenant, ref)
         device, overflow = self.sequence_bytes(sequence)
-        return pb.LookupResponse(
-            header=pb.SequenceHeader(
-                sequence=ref,
-                num_layers=sequence.num_layers,
-                kv_heads=sequence.kv_heads,
-                head_dim=sequence.head_dim,
-                dtype=DTYPE_TO_WIRE[sequence.dtype],
-                start_token=0,
-                end_token=sequence.tokens,
-                policy=sequence.policy.to_json(),
-                tag=sequence.tag,
-            ),
+        return LookupResult(
+            tokens=sequence.tokens,
+            num_layers=sequence.num_layers,
+            kv_heads=sequence.kv_heads,
+            head_dim=sequence.head_dim,
+            dtype=sequence.dtype,
             device_bytes=device,
             overflow_bytes=overflow,
             device_groups=len(sequence.groups) - len(sequence.overflow_bytes),
             overflow_groups=len(sequence.overflow_bytes),
             fp16_bytes=sequence.fp16_bytes,
+            policy=sequence.policy.to_json(),
+            tag=sequence.tag,
         )
 
-    async def delete(self, tenant: str, ref: pb.SequenceRef) -> bool:
+    async def delete(self, tenant: str, ref: SequenceRef) -> bool:
         try:
             sequence = self._find(tenant, ref)
         except NotFoundError:
@@ -727,13 +717,13 @@ class SequenceStore:
         await self._drop(sequence)
         return True
 
-    def stats(self, tenant: str) -> pb.StatsResponse:
+    def stats(self, tenant: str) -> StatsResult:
         mine = [s for s in self.sequences.values() if s.tenant == tenant]
         device = overflow = 0
         for sequence in mine:
             d, o = self.sequence_bytes(sequence)
             device, overflow = device + d, overflow + o
-        return pb.StatsResponse(
+        return StatsResult(
             sequences=len(mine),
             tokens=sum(s.tokens for s in mine),
             device_bytes=device,
@@ -744,8 +734,9 @@ class SequenceStore:
             overflow_available=self.overflow is not None and self.overflow.available,
         )
 
-    def response_for(self, sequence: StoredSequence) -> pb.PutResponse:
+    def put_result(self, sequence: StoredSequence) -> PutResult:
+        """What a committed put or append answers."""
         device, overflow = self.sequence_bytes(sequence)
-        return pb.PutResponse(
+        return PutResult(
             tokens=sequence.tokens, stored_bytes=device + overflow, fp16_bytes=sequence.fp16_bytes
         )

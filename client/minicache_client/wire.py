@@ -11,7 +11,7 @@ the tokens back in place, so a malformed stream raises `InvalidArgumentError` (o
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -93,6 +93,17 @@ def layer_chunks(
         )
 
 
+class LayerChunkFields(Protocol):
+    """What `LayerAssembler` reads of a chunk: a `pb.LayerChunk`, or the server's
+    protobuf-free copy of one (`minicache_server.domain.LayerChunk`)."""
+
+    layer: int
+    token_offset: int
+    tokens: int
+    keys: bytes
+    values: bytes
+
+
 class LayerAssembler:
     """Reassembles the chunks of layers `[kv_heads, tokens, head_dim]`, in token order.
 
@@ -112,7 +123,7 @@ class LayerAssembler:
         self.buffers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.complete: set[int] = set()
 
-    def add(self, chunk: pb.LayerChunk) -> tuple[np.ndarray, np.ndarray] | None:
+    def add(self, chunk: LayerChunkFields) -> tuple[np.ndarray, np.ndarray] | None:
         layer = chunk.layer
         heads, tokens, dim = self.shape
         if layer >= self.num_layers:

@@ -1,5 +1,6 @@
-"""Prometheus metrics of the inference worker: turns, resumed turns, recomputes by
-reason, failed stores, tokens, time to first token. The metric types and the HTTP
+"""Prometheus metrics of the inference worker: requests by status code and their
+latency, turns, resumed turns, recomputes by reason, failed stores, tokens, time to
+first token. The metric types and the HTTP
 endpoint are prometheus-client's, through the wrappers the cache server uses too
 (`minicache_client.serving.metrics`)."""
 
@@ -13,6 +14,18 @@ TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 class WorkerMetrics(MetricSet):
     def __init__(self) -> None:
         super().__init__()
+        # The cache server's request pair under the worker's prefix, counted by the one
+        # RPC wrapper (`minicache_client.serving.rpc_methods`): a caller that cancels or
+        # leaves is CANCELLED. Buckets up to a minute: a Generate streams a whole turn.
+        self.requests = self.counter(
+            "minicache_worker_requests_total", "RPCs by method and status code", ("method", "code")
+        )
+        self.request_seconds = self.histogram(
+            "minicache_worker_request_seconds",
+            "RPC latency by method (a Generate's whole stream)",
+            ("method",),
+            buckets=TTFT_BUCKETS_S,
+        )
         self.turns = self.counter("minicache_worker_turns_total", "Turns generated", ("residency",))
         self.resumed_turns = self.counter(
             "minicache_worker_resumed_turns_total",

@@ -358,8 +358,7 @@ def start_worker(settings: WorkerSettings, lm: LoadedModel | None = None) -> Wor
         interceptors=[SyncAuthInterceptor(auth)],
         options=[("grpc.so_reuseport", 0)],
     )
-    # WorkerMetrics keeps no per-RPC counters: turns are counted by the generator.
-    add_service(server, SERVICE, servicer, RpcOutcomes(None, status_code_of, log))
+    add_service(server, SERVICE, servicer, RpcOutcomes(metrics, status_code_of, log))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server

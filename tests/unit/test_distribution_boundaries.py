@@ -31,6 +31,13 @@ FORBIDDEN = {
 FORBIDDEN_AT_IMPORT = {
     "minicache_client": {"torch"},
 }
+# The cache server's domain: the servicer converts protobuf to and from its types
+# (`minicache_server.service.messages`), so none of these files imports the wire.
+DOMAIN_SOURCES = (
+    "cache_server/minicache_server/domain.py",
+    "cache_server/minicache_server/sequence_store.py",
+    "cache_server/minicache_server/tiers/*.py",
+)
 # pyproject folder -> distributions it must not depend on.
 FORBIDDEN_DEPENDENCIES = {
     "client": {"minicache-server", "minicache-worker", "torch"},
@@ -137,6 +144,54 @@ def test_distribution_declares_no_forbidden_dependency(folder: str) -> None:
     assert not names & FORBIDDEN_DEPENDENCIES[folder], (
         f"{folder}/pyproject.toml depends on {sorted(names & FORBIDDEN_DEPENDENCIES[folder])}"
     )
+
+
+def wire_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, name) of each import of `path` that brings in protobuf or gRPC:
+    `google.protobuf`, `grpc*`, `minicache_client.proto`, or any generated `*_pb2` /
+    `*_pb2_grpc` module."""
+    found = []
+    for imported in imports_of(path):
+        names = [imported.module, *([imported.name] if imported.name else [])]
+        packages = [f"{package}." for package in ("google.protobuf", "minicache_client.proto")]
+        if (
+            imported.module.split(".")[0] in ("grpc", "grpc_health", "grpc_reflection")
+            or f"{imported.module}.".startswith(tuple(packages))
+            or any(re.search(r"_pb2(_grpc)?$", name) for name in names)
+        ):
+            found.append((imported.line, ".".join(names)))
+    return found
+
+
+def test_the_cache_servers_domain_imports_no_protobuf() -> None:
+    paths = sorted(path for pattern in DOMAIN_SOURCES for path in ROOT.glob(pattern))
+    assert len(paths) >= 4, f"domain sources not found: {DOMAIN_SOURCES}"
+    offending = [
+        f"{where(path, line)} imports {name}" for path in paths for line, name in wire_imports(path)
+    ]
+    assert not offending, (
+        "the store and the tiers speak domain types; convert messages in "
+        "minicache_server/service/messages.py:\n" + "\n".join(offending)
+    )
+
+
+def test_wire_imports_are_recognised(tmp_path: Path) -> None:
+    source = tmp_path / "wired.py"
+    source.write_text(
+        "import numpy\nfrom minicache_client.proto import cache_service_pb2 as pb\n"
+        "from minicache_client.protocol import check_id\n"
+        "from google.protobuf.message import DecodeError\nimport grpc\n\n\n"
+        "def late():\n    import worker_service_pb2_grpc\n"
+    )
+    assert wire_imports(source) == [
+        (2, "minicache_client.proto.cache_service_pb2"),
+        (4, "google.protobuf.message.DecodeError"),
+        (5, "grpc"),
+        (9, "worker_service_pb2_grpc"),
+    ]
+    # The servicer's conversions are where protobuf belongs.
+    messages = ROOT / "cache_server/minicache_server/service/messages.py"
+    assert wire_imports(messages)
 
 
 def test_the_checks_see_imports_inside_functions(tmp_path: Path) -> None:

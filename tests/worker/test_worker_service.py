@@ -53,6 +53,7 @@ from test_hostile_input import (
     NESTED_POLICY,
     UNDECODABLE,
     broken_utf8,
+    wait_for,
 )
 
 from minicache_client.proto import worker_service_pb2 as worker_pb
@@ -329,6 +330,9 @@ def test_generate_cancelled_mid_stream_is_no_server_error(
     worker: WorkerServer, client: WorkerClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
+    requests = worker.metrics.requests
+    cancelled = requests.value(method="Generate", code="CANCELLED")
+    ok = requests.value(method="Generate", code="OK")
     request = worker_pb.GenerateRequest(
         session_id="hostile-cancel", user_message="Tell me a story.", max_new_tokens=32
     )
@@ -341,6 +345,16 @@ def test_generate_cancelled_mid_stream_is_no_server_error(
     # Queued behind the cancelled turn: runs once that one stopped.
     assert client.turn("after-cancel", user_message="Hi", max_new_tokens=1).generated_tokens == 1
     assert worker.servicer.queue.waiting == 0
+    # The server counts a call once its handler returns, which can trail the client.
+    wait_for(
+        lambda: requests.value(method="Generate", code="CANCELLED") == cancelled + 1,
+        "the cancelled Generate counted CANCELLED",
+    )
+    wait_for(
+        lambda: requests.value(method="Generate", code="OK") == ok + 1,
+        "the completed Generate counted OK",
+    )
+    assert worker.metrics.request_seconds.count(method="Generate") >= 2
     assert_no_error_logged(caplog)
 
 
@@ -400,6 +414,9 @@ def test_metrics_endpoint_counts_turns(guarded_worker: WorkerServer) -> None:
     config = ClientConfig(guarded_worker.address, insecure=True, token=WORKER_TOKEN)
     with WorkerClient(config) as allowed:
         allowed.turn("metrics", user_message="Hi", max_new_tokens=1)
+    # The turn's call is counted once its handler returns, which can trail the client.
+    requests = guarded_worker.metrics.requests
+    wait_for(lambda: requests.value(method="Generate", code="OK") >= 1, "Generate counted OK")
     url = f"http://127.0.0.1:{guarded_worker.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as response:
         text = response.read().decode()
@@ -410,6 +427,10 @@ def test_metrics_endpoint_counts_turns(guarded_worker: WorkerServer) -> None:
         for sample in family.samples
     }
     assert samples[("minicache_worker_turns_total", (("residency", "local"),))] >= 1
+    generate_ok = (("code", "OK"), ("method", "Generate"))
+    assert samples[("minicache_worker_requests_total", generate_ok)] >= 1
+    assert samples[("minicache_worker_request_seconds_count", (("method", "Generate"),))] >= 1
+    assert families["minicache_worker_request_seconds"].type == "histogram"
     assert samples[("minicache_worker_generated_tokens_total", ())] >= 1
     assert samples[("minicache_worker_prefilled_tokens_total", ())] >= 1
     ttft = "minicache_worker_time_to_first_token_seconds_count"

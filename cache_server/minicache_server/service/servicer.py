@@ -1,5 +1,8 @@
 """CacheService servicer: protobuf in, `SequenceStore` call, protobuf out.
 
+`messages` converts each request to the domain's types (checking its form) and each
+answer back; the store never sees protobuf.
+
 Nothing here handles errors, timing or metrics: `add_cache_service` registers the
 methods through `minicache_client.serving.rpc_methods`, whose one wrapper maps the
 domain errors (`minicache_client.errors`) to their status codes, answers undecodable
@@ -20,6 +23,7 @@ from minicache_client.serving.auth import TokenAuth
 from minicache_client.serving.rpc_methods import RpcOutcomes, add_service
 from minicache_server.metrics import CacheMetrics
 from minicache_server.sequence_store import SequenceStore
+from minicache_server.service import messages
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +49,17 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
             raise FailedPreconditionError("a chunk arrived before the put's header")
         if item != "header":
             raise InvalidArgumentError(EMPTY_PUT_REQUEST)
-        with self.store.begin_put(tenant, first.header) as session:
+        with self.store.begin_put(tenant, messages.sequence_header(first.header)) as session:
             async for request in requests:
                 item = request.WhichOneof("item")
                 if item == "chunk":
-                    await session.add_chunk(request.chunk)
+                    await session.add_chunk(messages.layer_chunk(request.chunk))
                 elif item == "header":
                     raise FailedPreconditionError("a put carries exactly one header")
                 else:
                     raise InvalidArgumentError(EMPTY_PUT_REQUEST)
             sequence = await session.commit()
-        return self.store.response_for(sequence)
+        return messages.put_response(self.store.put_result(sequence))
 
     async def Append(
         self, request: pb.AppendRequest, context: grpc.aio.ServicerContext
@@ -67,38 +71,39 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
             raise InvalidArgumentError(
                 "an append extends a held sequence: start_token must be the tokens held"
             )
-        with self.store.begin_put(tenant, request.header) as session:
+        with self.store.begin_put(tenant, messages.sequence_header(request.header)) as session:
             for chunk in request.layers:
-                await session.add_chunk(chunk)
+                await session.add_chunk(messages.layer_chunk(chunk))
             sequence = await session.commit()
-        return self.store.response_for(sequence)
+        return messages.put_response(self.store.put_result(sequence))
 
     async def Prefetch(
         self, request: pb.PrefetchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.PrefetchResponse]:
-        async for message in self.store.prefetch(self.auth.tenant_of(context), request):
-            if isinstance(message, pb.SequenceHeader):
-                yield pb.PrefetchResponse(header=message)
-            elif isinstance(message, pb.LayerChunk):
-                yield pb.PrefetchResponse(chunk=message)
-            else:
-                yield pb.PrefetchResponse(entry=message)
+        tenant = self.auth.tenant_of(context)
+        chunk_bytes = self.store.limits.max_chunk_bytes
+        async for part in self.store.prefetch(tenant, messages.prefetch_query(request)):
+            for response in messages.prefetch_responses(part, chunk_bytes):
+                yield response
 
     async def Lookup(
         self, request: pb.LookupRequest, context: grpc.aio.ServicerContext
     ) -> pb.LookupResponse:
-        return self.store.lookup(self.auth.tenant_of(context), request.sequence)
+        tenant = self.auth.tenant_of(context)
+        ref = messages.sequence_ref(request.sequence)
+        return messages.lookup_response(ref, self.store.lookup(tenant, ref))
 
     async def Delete(
         self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteResponse:
-        deleted = await self.store.delete(self.auth.tenant_of(context), request.sequence)
+        tenant = self.auth.tenant_of(context)
+        deleted = await self.store.delete(tenant, messages.sequence_ref(request.sequence))
         return pb.DeleteResponse(deleted=deleted)
 
     async def Stats(
         self, request: pb.StatsRequest, context: grpc.aio.ServicerContext
     ) -> pb.StatsResponse:
-        return self.store.stats(self.auth.tenant_of(context))
+        return messages.stats_response(self.store.stats(self.auth.tenant_of(context)))
 
 
 def add_cache_service(
