@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -43,6 +42,7 @@ from minicache_client.serving.auth import SyncAuthInterceptor, TokenAuth
 from minicache_client.serving.metrics import serve_metrics
 from minicache_client.serving.rpc_methods import RpcOutcomes, add_service
 from minicache_client.serving.settings import SettingsError, split_address
+from minicache_client.serving.tls import server_credentials
 from minicache_worker.chat_turns import user_turn_tokens
 from minicache_worker.generation import Residency, TurnGenerator, TurnRequest, TurnSummary
 from minicache_worker.models import LoadedModel, load_model
@@ -290,14 +290,6 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         )
 
 
-def _credentials(settings: WorkerSettings) -> grpc.ServerCredentials | None:
-    if not settings.tls_cert:
-        return None
-    return grpc.ssl_server_credentials(
-        [(Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes())]
-    )
-
-
 @dataclass
 class WorkerServer:
     server: grpc.Server
@@ -363,7 +355,7 @@ def start_worker(settings: WorkerSettings, lm: LoadedModel | None = None) -> Wor
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    credentials = _credentials(settings)
+    credentials = server_credentials(settings.tls_cert, settings.tls_key)
     try:
         if credentials is None:
             port = server.add_insecure_port(settings.listen)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType
 from wsgiref.simple_server import WSGIServer
 
@@ -24,6 +23,7 @@ from minicache_client.proto import cache_service_pb2 as pb
 from minicache_client.serving.auth import AuthInterceptor, TokenAuth
 from minicache_client.serving.metrics import serve_metrics
 from minicache_client.serving.settings import SettingsError, split_address
+from minicache_client.serving.tls import server_credentials
 from minicache_server.metrics import CacheMetrics
 from minicache_server.sequence_store import Limits, SequenceStore
 from minicache_server.service.servicer import add_cache_service
@@ -83,17 +83,6 @@ class CacheServer:
             await self.store.overflow.close()
 
 
-def _credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
-    if not settings.tls_cert:
-        return None
-    client_ca = Path(settings.tls_client_ca).read_bytes() if settings.tls_client_ca else None
-    return grpc.ssl_server_credentials(
-        [(Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes())],
-        root_certificates=client_ca,
-        require_client_auth=client_ca is not None,
-    )
-
-
 async def start_server(settings: ServerSettings) -> CacheServer:
     """Build, bind and start a cache server (inside a running asyncio loop)."""
     metrics = CacheMetrics()
@@ -136,7 +125,7 @@ async def start_server(settings: ServerSettings) -> CacheServer:
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    credentials = _credentials(settings)
+    credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     if credentials is None:
         port = server.add_insecure_port(settings.listen)
     else:

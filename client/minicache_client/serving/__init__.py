@@ -18,5 +18,6 @@ so neither service depends on the other:
   a settings dataclass from flags and env vars (`add_setting_flags`, `setting_values`,
   `parse_bool`, `parse_size`, `split_address`) and `--print-config`'s view of them with
   secrets masked (`masked_settings`, `config_json`).
+- `tls`: `server_credentials`, a TLS (or mTLS) port's credentials from PEM files.
 - `logs`: `configure_logging`, JSON lines or plain text.
 """
