@@ -95,7 +95,8 @@ def _half_bits(values: np.ndarray, magnitude, half, sign) -> np.ndarray:
     bits = values.view(_U32)
     np.bitwise_and(bits, _U32(0x7FFFFFFF), out=magnitude)
     if magnitude.max() >= _OVERFLOW:
-        half[...] = values.astype(np.float16).view(np.uint16)
+        with np.errstate(over="ignore"):  # overflow to infinity is the cast's answer
+            half[...] = values.astype(np.float16).view(np.uint16)
         return half
     np.right_shift(magnitude, _U32(13), out=half)
     np.bitwise_and(half, _U32(1), out=half)
