@@ -108,28 +108,38 @@ def quantize_blocks_compiled(
     tokens: np.ndarray, dtype: str, bits: int, mode: str, group_size: int, block_tokens: int
 ):
     """`quantize_blocks` by the compiled kernels, straight from the carrier of `dtype`
-    (NumPy, `kivi_kernels.usable`): the same codes and statistics."""
+    (when `kivi_kernels.usable`): the same codes and statistics."""
     heads, count, dim = tokens.shape
     kind, carrier = kivi_kernels.carrier_bits(tokens, dtype)
+    codes = np.empty((heads, count, row_bytes(dim, bits)), np.uint8)
     if mode == "per_channel":
         block = min(block_tokens, count)
-        stats_shape, columns = (heads, count // block, dim), 1
+        low = np.empty((heads, count // block, dim), np.float32)
+        high = np.empty_like(low)
+        extremes = kivi_kernels.extremes_kernel(kind, 1, block)
+        for head in range(heads):
+            extremes(carrier[head], low[head], high[head])
+        scale, center, center32, step = _statistics(low, high, bits)
         stat_rows = np.arange(count) // block
-    else:
-        block = 0
-        stats_shape, columns = (heads, count, dim // group_size), group_size
-        stat_rows = np.arange(count)
-    low = np.empty(stats_shape, np.float32)
-    high = np.empty(stats_shape, np.float32)
-    extremes = kivi_kernels.extremes_kernel(kind, columns, block)
+        quantize = kivi_kernels.quantize_kernel(bits, 1, kind)
+        for head in range(heads):
+            quantize(carrier[head], stat_rows, center32[head], step[head], codes[head])
+        return codes, scale, center
+    # Per token: flat groups of `group_size` channels.
+    groups = count * (dim // group_size)
+    low = np.empty((heads, groups), np.float32)
+    high = np.empty_like(low)
+    extremes = kivi_kernels.extremes_kernel(kind, group_size, 0)
     for head in range(heads):
-        extremes(carrier[head], low[head], high[head])
+        extremes(carrier[head].reshape(groups, group_size), low[head], high[head])
     scale, center, center32, step = _statistics(low, high, bits)
-    codes = np.empty((heads, count, row_bytes(dim, bits)), np.uint8)
-    quantize = kivi_kernels.quantize_kernel(bits, columns, kind)
+    quantize = kivi_kernels.quantize_kernel(bits, group_size, kind)
+    group_codes = codes.reshape(heads, groups, -1)
     for head in range(heads):
-        quantize(carrier[head], stat_rows, center32[head], step[head], codes[head])
-    return codes, scale, center
+        tokens_of_groups = carrier[head].reshape(groups, group_size)
+        quantize(tokens_of_groups, None, center32[head], step[head], group_codes[head])
+    shape = (heads, count, dim // group_size)
+    return codes, scale.reshape(shape), center.reshape(shape)
 
 
 @dataclass
@@ -220,7 +230,7 @@ class KiviStream(Codec):
         """Move the tail's first `count` tokens (whole blocks, or one partial block)
         into the quantized arrays."""
         xp = array_namespace(self.tail)
-        if kivi_kernels.usable(xp, self.bits):
+        if kivi_kernels.usable(xp, self.bits, self.head_dim, self._columns()):
             codes, scale, center = quantize_blocks_compiled(
                 self.tail[:, :count],
                 self.dtype,
@@ -254,7 +264,8 @@ class KiviStream(Codec):
         """Restore quantized tokens [start, end) (indices into the quantized part) into
         `out`, `[kv_heads, end - start, head_dim]` in the carrier of `dtype`."""
         xp = array_namespace(self.codes)
-        if kivi_kernels.usable(xp, self.bits) and self._dequantize_compiled(out, start, end, dtype):
+        usable = kivi_kernels.usable(xp, self.bits, self.head_dim, self._columns())
+        if usable and self._dequantize_compiled(out, start, end, dtype):
             return
         narrow_into(self._dequantize(start, end), out, dtype)
 
@@ -271,15 +282,29 @@ class KiviStream(Codec):
         rows = xp.searchsorted(ends[first:last], xp.arange(start, end), side="right")
         return self.scale[:, first:last], self.center[:, first:last], rows
 
+    def _columns(self) -> int:
+        """Channels per statistic: 1 per channel, the group size per token."""
+        return 1 if self.mode == "per_channel" else self.group_size
+
     def _dequantize_compiled(self, out: Any, start: int, end: int, dtype: str) -> bool:
         """The kernels' restore; False when a value needs the array path."""
         scale, center, rows = self._statistic_rows(start, end)
         scale, center = scale.astype(np.float32), center.astype(np.float32)
-        columns = 1 if self.mode == "per_channel" else self.group_size
+        columns = self._columns()
         kind, target = kivi_kernels.carrier_bits(out, dtype)
         dequantize = kivi_kernels.dequantize_kernel(self.bits, columns, kind)
+        # Per token the kernel reads flat groups: reshapes of one head's rows (views
+        # of `out`, whose heads are each contiguous).
+        shape = (-1, columns) if columns > 1 else (-1, self.head_dim)
+        code_shape = (shape[0], shape[1] * self.bits // 8)
         return all(
-            dequantize(self.codes[head, start:end], rows, scale[head], center[head], target[head])
+            dequantize(
+                self.codes[head, start:end].reshape(code_shape),
+                rows,
+                scale[head].reshape(-1) if columns > 1 else scale[head],
+                center[head].reshape(-1) if columns > 1 else center[head],
+                target[head].reshape(shape),
+            )
             for head in range(self.kv_heads)
         )
 
