@@ -38,8 +38,12 @@ from minicache_client.bit_packing import (
     pack_rows,
     row_bytes,
 )
-from minicache_client.codecs import kivi_kernels
 from minicache_client.codecs.base import Codec, check_stored, concat_tokens
+
+try:
+    from minicache_client.codecs import kivi_kernels
+except ImportError:  # Numba is a dependency; where it is missing, the array path runs
+    kivi_kernels = None
 
 MODES = ("per_channel", "per_token")
 
@@ -230,7 +234,7 @@ class KiviStream(Codec):
         """Move the tail's first `count` tokens (whole blocks, or one partial block)
         into the quantized arrays."""
         xp = array_namespace(self.tail)
-        if kivi_kernels.usable(xp, self.bits, self.head_dim, self._columns()):
+        if self._compiled(xp):
             codes, scale, center = quantize_blocks_compiled(
                 self.tail[:, :count],
                 self.dtype,
@@ -264,8 +268,7 @@ class KiviStream(Codec):
         """Restore quantized tokens [start, end) (indices into the quantized part) into
         `out`, `[kv_heads, end - start, head_dim]` in the carrier of `dtype`."""
         xp = array_namespace(self.codes)
-        usable = kivi_kernels.usable(xp, self.bits, self.head_dim, self._columns())
-        if usable and self._dequantize_compiled(out, start, end, dtype):
+        if self._compiled(xp) and self._dequantize_compiled(out, start, end, dtype):
             return
         narrow_into(self._dequantize(start, end), out, dtype)
 
@@ -281,6 +284,12 @@ class KiviStream(Codec):
         # The block of each token, counted from `first`.
         rows = xp.searchsorted(ends[first:last], xp.arange(start, end), side="right")
         return self.scale[:, first:last], self.center[:, first:last], rows
+
+    def _compiled(self, xp: Any) -> bool:
+        """Whether the compiled kernels encode and restore this stream."""
+        return kivi_kernels is not None and kivi_kernels.usable(
+            xp, self.bits, self.head_dim, self._columns()
+        )
 
     def _columns(self) -> int:
         """Channels per statistic: 1 per channel, the group size per token."""
