@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from minicache_client.codecs.base import has_spare_room
 from minicache_client.entry import LayerGroupEntry
 
 
@@ -38,12 +39,13 @@ def compact(entry: LayerGroupEntry, xp: ModuleType = np) -> LayerGroupEntry:
     """Move the entry's arrays to `xp` and give each its own memory, in place.
 
     Views (a tail left after quantized blocks were cut from it, arrays decoded from an
-    encoding) are copied; arrays that already own their memory are kept."""
+    encoding) are copied; arrays that own their memory are kept, and so are the
+    views a codec keeps with spare room behind them for appends (`has_spare_room`)."""
 
     def own(array: Any) -> Any:
         if xp is not np and not isinstance(array, xp.ndarray):
             return xp.asarray(array)
-        if array.base is not None or not array.flags.writeable:
+        if (array.base is not None or not array.flags.writeable) and not has_spare_room(array):
             return array.copy()
         return array
 

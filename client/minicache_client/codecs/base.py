@@ -40,6 +40,48 @@ def concat_tokens(first: Any, second: Any, axis: int) -> Any:
     return array_namespace(first, second).concatenate([first, second], axis=axis)
 
 
+def extend_tokens(held: Any, new: Any, backing: tuple[Any, Any] | None) -> tuple[Any, Any]:
+    """`held` then `new` along the token axis (1), and the (buffer, view) to pass back
+    next time. While `held` is still the view a previous call returned and its buffer
+    has room, `new` is written behind it: an append costs its own tokens, not the
+    history's. A new buffer gets an eighth more room (at least 16 tokens) than it needs,
+    so the history is copied once per eighth of growth; memory beyond the stored tokens
+    is at most that room."""
+    count, extra = held.shape[1], new.shape[1]
+    if backing is not None and backing[1] is held and backing[0].shape[1] >= count + extra:
+        buffer = backing[0]
+    else:
+        room = count + extra + max(16, (count + extra) // 8)
+        buffer = array_namespace(held, new).empty(
+            (held.shape[0], room, *held.shape[2:]), dtype=held.dtype
+        )
+        buffer[:, :count] = held
+    buffer[:, count : count + extra] = new
+    view = buffer[:, : count + extra]
+    return view, (buffer, view)
+
+
+def _address(array: Any) -> int:
+    interface = getattr(array, "__array_interface__", None) or array.__cuda_array_interface__
+    return interface["data"][0]
+
+
+def has_spare_room(array: Any) -> bool:
+    """Whether `array` is a view `extend_tokens` returned: a prefix, along the token
+    axis, of a larger writeable buffer, kept on purpose for the next append."""
+    base = getattr(array, "base", None)
+    return (
+        is_array(base)
+        and array.flags.writeable
+        and base.ndim == array.ndim >= 2
+        and base.shape[0] == array.shape[0]
+        and base.shape[2:] == array.shape[2:]
+        and base.shape[1] >= array.shape[1]
+        and base.strides == array.strides
+        and _address(base) == _address(array)
+    )
+
+
 class Codec(ABC):
     """One side (keys or values) of one layer group, as stored.
 

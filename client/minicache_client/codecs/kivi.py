@@ -38,7 +38,7 @@ from minicache_client.bit_packing import (
     pack_rows,
     row_bytes,
 )
-from minicache_client.codecs.base import Codec, check_stored, concat_tokens
+from minicache_client.codecs.base import Codec, check_stored, concat_tokens, extend_tokens
 
 try:
     from minicache_client.codecs import kivi_kernels
@@ -192,6 +192,8 @@ class KiviStream(Codec):
             self.scale = xp.zeros((self.kv_heads, 0, groups), dtype=xp.float16)
             self.center = xp.zeros((self.kv_heads, 0, groups), dtype=xp.float16)
             self.block_ends = xp.zeros(0, dtype=xp.int64)
+        # Spare room behind `codes` for appends (not stored; see `extend_tokens`).
+        self._codes_backing = None
 
     @property
     def quantized_tokens(self) -> int:
@@ -251,7 +253,7 @@ class KiviStream(Codec):
                 self.group_size,
                 self.block_tokens,
             )
-        self.codes = _join_tokens([self.codes, codes])
+        self.codes, self._codes_backing = extend_tokens(self.codes, codes, self._codes_backing)
         self.scale = _join_tokens([self.scale, scale])
         self.center = _join_tokens([self.center, center])
         if self.mode == "per_channel":

@@ -13,7 +13,7 @@ from minicache_client.array_namespace import (
     recast,
     widen_to_float32,
 )
-from minicache_client.codecs.base import Codec, check_stored, concat_tokens
+from minicache_client.codecs.base import Codec, check_stored, extend_tokens
 
 
 @dataclass
@@ -32,6 +32,8 @@ class RawStream(Codec):
             self.values = array_namespace().zeros(
                 (self.kv_heads, 0, self.head_dim), dtype=CARRIER_DTYPES[self.dtype]
             )
+        # Spare room behind `values` for appends (not stored; see `extend_tokens`).
+        self._backing = None
 
     @property
     def tokens(self) -> int:
@@ -43,7 +45,7 @@ class RawStream(Codec):
 
     def append(self, chunk: Sequence[Any]) -> None:
         (array,) = chunk
-        self.values = concat_tokens(self.values, array, axis=1)
+        self.values, self._backing = extend_tokens(self.values, array, self._backing)
 
     def restore(self, which: int, start: int, end: int, dtype: str) -> Any:
         held = self.values[:, start:end]
