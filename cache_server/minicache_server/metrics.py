@@ -1,6 +1,6 @@
 """Prometheus metrics of the cache server: requests and their latency, hits and misses
 by tier, evictions, promotions and corrupt entries (`CacheMetrics`, counted as they
-happen), and what the store holds (`StoreTotals`: bytes by tier, the device budget,
+happen), and what the store holds (`StoreTotals`: bytes by tier, named by the tiers, the device budget,
 fp16 bytes, compression ratio, sequences, whether Redis answers), computed from the
 store when Prometheus scrapes.
 
@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 from minicache_client.serving.metrics import MetricSet
 
 if TYPE_CHECKING:
-    from minicache_server.sequence_store import SequenceStore
+    from minicache_server.store import SequenceStore
 
 
 class CacheMetrics(MetricSet):
@@ -40,13 +40,14 @@ class CacheMetrics(MetricSet):
             "minicache_misses_total", "Reads of sequences or entries not held", ("reason",)
         )
         self.evictions = self.counter(
-            "minicache_evictions_total", "Entries moved from the device tier to Redis"
+            "minicache_evictions_total", "Entries moved one tier down (device to disk or Redis)"
         )
         self.promotions = self.counter(
-            "minicache_promotions_total", "Entries moved from Redis back to the device tier"
+            "minicache_promotions_total", "Entries moved from a lower tier back to the device"
         )
         self.corrupt_entries = self.counter(
-            "minicache_corrupt_entries_total", "Entries read from Redis that failed verification"
+            "minicache_corrupt_entries_total",
+            "Entries read from the disk or Redis tier that failed verification",
         )
 
     def watch(self, store: SequenceStore) -> None:
@@ -57,32 +58,31 @@ class CacheMetrics(MetricSet):
 class StoreTotals(Collector):
     """Gauges of what a `SequenceStore` holds, computed from it at scrape time.
 
-    Scrapes run on the metrics HTTP thread while requests change the store on the event
-    loop: the sequences are copied with one `list()` first and each sequence's overflow
-    bytes summed in one `sum()` (each a single step under the GIL), so a put or delete
-    that lands meanwhile cannot break an iteration."""
+    Tier bytes are each tier's own count (`StorageTier.used_bytes`, labelled by the
+    tier's name). Scrapes run on the metrics HTTP thread while requests change the store
+    on the event loop: the sequences are copied with one `list()` first, so a put or
+    delete that lands meanwhile cannot break an iteration."""
 
     def __init__(self, store: SequenceStore) -> None:
         self.store = store
 
     def collect(self) -> Iterator[Metric]:
         store = self.store
+        chain = store.chain
         sequences = list(store.sequences.values())
-        device_bytes = store.device.used_bytes
-        overflow_bytes = sum(sum(s.overflow_bytes.values()) for s in sequences)
         fp16 = sum(s.fp16_bytes for s in sequences)
-        stored = device_bytes + overflow_bytes
+        stored = sum(sum(s.entry_bytes) for s in sequences)
 
         tiers = GaugeMetricFamily(
             "minicache_tier_bytes", "Stored bytes held by tier", labels=("tier",)
         )
-        tiers.add_metric((store.device.name,), device_bytes)
-        tiers.add_metric(("redis",), overflow_bytes)
+        for tier in chain.tiers:
+            tiers.add_metric((tier.name,), tier.used_bytes)
         yield tiers
         yield GaugeMetricFamily(
             "minicache_device_budget_bytes",
             "Byte budget of the device tier",
-            value=store.device.budget_bytes,
+            value=chain.device.budget_bytes,
         )
         yield GaugeMetricFamily(
             "minicache_fp16_bytes",
@@ -95,9 +95,10 @@ class StoreTotals(Collector):
             value=fp16 / stored if stored else 0,
         )
         yield GaugeMetricFamily("minicache_sequences", "Sequences held", value=len(sequences))
-        if store.overflow is not None:
+        redis_tier = chain.tier("redis")
+        if redis_tier is not None:
             yield GaugeMetricFamily(
                 "minicache_overflow_available",
-                "1 when the Redis overflow tier answers",
-                value=1 if store.overflow.available else 0,
+                "1 when the Redis tier answers",
+                value=1 if redis_tier.available else 0,
             )

@@ -24,11 +24,12 @@ from minicache_client.serving.settings import (
     setting,
     setting_values,
 )
+from minicache_server.tiers.chain import check_tier_order
 
 DESCRIPTION = (
     "The MiniCache cache server: stores the KV cache of inference sessions, compressed, in "
-    "a device tier under a byte budget with Redis as overflow, behind gRPC. Every flag "
-    "also reads the env var MINICACHE_<NAME> (shown with each flag); a flag wins over its "
+    "a chain of tiers (device memory under a byte budget, then a local disk and Redis), "
+    "behind gRPC. Every flag also reads the env var MINICACHE_<NAME> (shown with each flag); a flag wins over its "
     "env var, which wins over the default. A bad value stops start-up naming its variable "
     "(exit status 2)."
 )
@@ -103,7 +104,25 @@ class ServerSettings:
     device_budget_bytes: int = setting(
         1 << 30,
         "stored bytes the device tier holds; beyond it the least recently used entries "
-        "overflow to Redis (without Redis, writes that need room are refused)",
+        "move to the next tier (without one, writes that need room are refused)",
+    )
+    # The tier chain.
+    tiers: str = setting(
+        "",
+        "the storage tiers in order, comma-separated: device, device,disk, device,redis or "
+        "device,disk,redis; a full tier moves its least recently used entries to the next, "
+        "reads move them back to the device; empty: device, then redis when --redis-url "
+        "is set",
+        metavar="TIER,...",
+    )
+    disk_dir: str = setting(
+        "",
+        "directory of the disk tier (a file per entry; created if missing); a server "
+        "restarted with the same directory serves the sequences it still holds",
+        metavar="PATH",
+    )
+    disk_budget_bytes: int = setting(
+        16 << 30, "stored bytes the disk tier holds; beyond it entries move to the next tier"
     )
     # Overflow tier: empty redis_url means no overflow (a full budget then refuses writes).
     redis_url: str = setting(
@@ -178,6 +197,7 @@ class ServerSettings:
         checks = [
             (self.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda"),
             (self.device_budget_bytes > 0, "device_budget_bytes", "> 0"),
+            (self.disk_budget_bytes > 0, "disk_budget_bytes", "> 0"),
             (self.redis_pool_size >= 1, "redis_pool_size", ">= 1"),
             (self.redis_timeout_s > 0, "redis_timeout_s", "> 0"),
             (self.redis_ttl_s >= 0, "redis_ttl_s", ">= 0"),
@@ -208,6 +228,7 @@ class ServerSettings:
             if not ok:
                 raise SettingsError(f"{env_name(name)} ({flag_name(name)}): must be {expected}")
         check_log_level(self.log_level, env_name)
+        self._check_tiers()
         files = ("tls_cert", "tls_key", "tls_client_ca", "tokens_file", "redis_tls_ca")
         for name in (*files, "redis_password_file"):
             path = getattr(self, name)
@@ -217,6 +238,26 @@ class ServerSettings:
             load_policy(self.default_policy)
         except ValueError as exc:
             raise SettingsError(f"{env_name('default_policy')}: {exc}") from None
+
+    def _check_tiers(self) -> None:
+        names = self.tier_names()
+        try:
+            check_tier_order(names)
+        except ValueError as exc:
+            raise SettingsError(f"{env_name('tiers')} ({flag_name('tiers')}): {exc}") from None
+        for tier, field in (("disk", "disk_dir"), ("redis", "redis_url")):
+            if (tier in names) != bool(getattr(self, field)):
+                state = "names" if tier in names else "does not name"
+                raise SettingsError(
+                    f"{env_name('tiers')} {state} {tier}: set {env_name(field)} "
+                    f"({flag_name(field)}) exactly when the {tier} tier is in the chain"
+                )
+
+    def tier_names(self) -> list[str]:
+        """The tier chain in order (the default: device, then redis with a Redis URL)."""
+        if not self.tiers.strip():
+            return ["device", "redis"] if self.redis_url else ["device"]
+        return [name.strip() for name in self.tiers.split(",")]
 
     @property
     def has_tokens(self) -> bool:

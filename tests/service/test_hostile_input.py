@@ -493,12 +493,15 @@ def test_put_cancelled_mid_stream_is_counted_as_cancelled(hostile: Target) -> No
     released = threading.Event()
     future = held_open_put(hostile, messages[: len(messages) // 2], released)
     try:
-        wait_for(lambda: hostile.server.store.staged_bytes > 0, "the put staged its first layers")
+        # A write in progress holds a generation of its own (its groups are placed in the
+        # tiers as they complete; only raw layers count as staging).
+        wait_for(lambda: hostile.server.store.pending, "the put is in progress")
         assert future.cancel()
     finally:
         released.set()
     wait_for(lambda: hostile.requests("Put", "CANCELLED") == before + 1, "Put counted CANCELLED")
     wait_for(lambda: hostile.server.store.staged_bytes == 0, "the put's staging released")
+    wait_for(lambda: not hostile.server.store.pending, "the put's generation released")
     lookup = ref_call("Lookup", MODEL, "cancelled-put")
     refused(lambda: lookup(hostile), C.NOT_FOUND, "is not held")
 
@@ -595,7 +598,8 @@ def test_oversized_puts_leave_the_server_process_memory_bounded(tmp_path: Path) 
         baseline = resident_bytes(process.pid)
 
         # 96 MiB of float32 declared for a 4 MiB budget: past the header (at one bit per
-        # value it would fit), refused once what it stages passes the budget.
+        # value it would fit), refused once its entries fill the device tier, the only
+        # tier here.
         sent = [0]
         staged = _header(
             "streamed-96MiB",
@@ -606,7 +610,7 @@ def test_oversized_puts_leave_the_server_process_memory_bounded(tmp_path: Path) 
             dtype=pb.DTYPE_FLOAT32,
             policy="kivi4",
         )
-        refused(streamed_put(channel, staged, sent), C.RESOURCE_EXHAUSTED, "stages")
+        refused(streamed_put(channel, staged, sent), C.RESOURCE_EXHAUSTED, "no tier can hold")
         streamed = resident_bytes(process.pid)
         assert sent[0] < 96 << 20, "refused only after the whole put was sent"
 

@@ -10,7 +10,7 @@ import pytest
 from service_fixtures import ServerThread, kv_layers, settings_for
 
 from minicache_client import CacheClient, ClientConfig, NotFoundError, UnavailableError
-from minicache_server.tiers.device_tier import held_bytes
+from minicache_client.entry import stored_bytes
 
 LAYERS, TOKENS, HEADS, DIM = 6, 256, 2, 16
 SEQUENCE_BYTES = LAYERS * 2 * HEADS * TOKENS * DIM * 2  # policy none, float16: 196,608
@@ -29,9 +29,14 @@ def cluster(redis_process):
 
 
 def _device_bytes_recounted(server) -> int:
-    """The device tier's entries, measured again from their buffers."""
+    """The device tier's entries, measured again (the length of their encodings)."""
     device = server.store.device
-    return sum(held_bytes(device.get(key, touch=False)) for key in device.coldest())
+    return sum(stored_bytes(device.peek(key)) for key in device.coldest())
+
+
+def _entry_keys(redis_process) -> list[bytes]:
+    """The entries in Redis (the sequences' manifests sit beside them)."""
+    return [key for key in redis_process.client().keys("*") if not key.endswith(b":manifest")]
 
 
 def _put_all(client, count: int) -> dict[str, list]:
@@ -57,7 +62,7 @@ def test_overflow_promotion_and_byte_accounting(cluster) -> None:
     lookups = {name: client.lookup("m", name) for name in sent}
     overflowed = sum(lookup.overflow_groups for lookup in lookups.values())
     assert overflowed >= 3 * LAYERS  # at least three sequences' worth left the device
-    assert redis_process.client().dbsize() == overflowed
+    assert len(_entry_keys(redis_process)) == overflowed
     # The coldest sequence went first, the newest is whole on the device.
     assert lookups["s0"].overflow_groups == LAYERS and lookups["s5"].overflow_groups == 0
     for lookup in lookups.values():
@@ -74,7 +79,7 @@ def test_overflow_promotion_and_byte_accounting(cluster) -> None:
     assert device.used_bytes <= BUDGET and device.used_bytes == _device_bytes_recounted(server)
     for name in sent:
         _assert_exact(client, name, sent[name])
-    assert redis_process.client().dbsize() == sum(
+    assert len(_entry_keys(redis_process)) == sum(
         client.lookup("m", name).overflow_groups for name in sent
     )
     # Deleting drops both tiers.
@@ -129,7 +134,7 @@ def test_corrupted_and_misplaced_entries_are_misses(cluster) -> None:
     server, client, redis_process = cluster
     _put_all(client, 6)  # s0, s1, s2 overflowed whole (s3 half)
     redis = redis_process.client()
-    keys = sorted(redis.keys("*"))
+    keys = sorted(_entry_keys(redis_process))
     s0_keys = [key for key in keys if b":s0:" in key]
     s1_keys = [key for key in keys if b":s1:" in key]
     s2_keys = [key for key in keys if b":s2:" in key]

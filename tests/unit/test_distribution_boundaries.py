@@ -35,7 +35,7 @@ FORBIDDEN_AT_IMPORT = {
 # (`minicache_server.service.messages`), so none of these files imports the wire.
 DOMAIN_SOURCES = (
     "cache_server/minicache_server/domain.py",
-    "cache_server/minicache_server/sequence_store.py",
+    "cache_server/minicache_server/store/*.py",
     "cache_server/minicache_server/tiers/*.py",
 )
 # pyproject folder -> distributions it must not depend on.

@@ -25,10 +25,13 @@ from minicache_client.serving.metrics import serve_metrics
 from minicache_client.serving.settings import SettingsError, split_address
 from minicache_client.serving.tls import server_credentials
 from minicache_server.metrics import CacheMetrics
-from minicache_server.sequence_store import Limits, SequenceStore
 from minicache_server.service.servicer import add_cache_service
 from minicache_server.settings import ServerSettings
+from minicache_server.store import Limits, SequenceStore
+from minicache_server.tiers.base import StorageTier
+from minicache_server.tiers.chain import TierChain
 from minicache_server.tiers.device_tier import DeviceTier
+from minicache_server.tiers.disk_tier import DiskTier
 from minicache_server.tiers.redis_tier import RedisTier
 
 log = logging.getLogger(__name__)
@@ -79,28 +82,43 @@ class CacheServer:
         if self.metrics_http is not None:
             self.metrics_http.shutdown()
             self.metrics_http.server_close()
-        if self.store.overflow is not None:
-            await self.store.overflow.close()
+        await self.store.close()
+
+
+async def build_tiers(settings: ServerSettings) -> list[StorageTier]:
+    """The tier chain's tiers in the configured order (`ServerSettings.tier_names`)."""
+    tiers: list[StorageTier] = []
+    for name in settings.tier_names():
+        if name == "device":
+            tiers.append(DeviceTier(settings.device_budget_bytes, array_module(settings.device)))
+        elif name == "disk":
+            try:
+                tiers.append(DiskTier(settings.disk_dir, settings.disk_budget_bytes))
+            except OSError as exc:
+                raise SettingsError(
+                    f"MINICACHE_DISK_DIR: cannot use {settings.disk_dir!r}: {exc}"
+                ) from None
+        else:
+            redis_tier = RedisTier(
+                settings.redis_url,
+                username=settings.redis_username,
+                password=settings.redis_password_value(),
+                tls_ca=settings.redis_tls_ca,
+                pool_size=settings.redis_pool_size,
+                timeout_s=settings.redis_timeout_s,
+                ttl_s=settings.redis_ttl_s,
+                key_prefix=settings.redis_key_prefix,
+            )
+            if not await redis_tier.ping():
+                log.warning("Redis does not answer yet; the tiers above it serve meanwhile")
+            tiers.append(redis_tier)
+    return tiers
 
 
 async def start_server(settings: ServerSettings) -> CacheServer:
     """Build, bind and start a cache server (inside a running asyncio loop)."""
     metrics = CacheMetrics()
-    overflow = None
-    if settings.redis_url:
-        overflow = RedisTier(
-            settings.redis_url,
-            username=settings.redis_username,
-            password=settings.redis_password_value(),
-            tls_ca=settings.redis_tls_ca,
-            pool_size=settings.redis_pool_size,
-            timeout_s=settings.redis_timeout_s,
-            ttl_s=settings.redis_ttl_s,
-            key_prefix=settings.redis_key_prefix,
-        )
-        if not await overflow.ping():
-            log.warning("Redis does not answer yet; the device tier serves meanwhile")
-    device_tier = DeviceTier(settings.device_budget_bytes, array_module(settings.device))
+    chain = TierChain(await build_tiers(settings), metrics)
     limits = Limits(
         max_chunk_bytes=settings.max_chunk_bytes,
         max_tokens=settings.max_tokens,
@@ -109,7 +127,10 @@ async def start_server(settings: ServerSettings) -> CacheServer:
     )
     # ServerSettings refused a bad default policy already, naming its variable.
     default_policy = load_policy(settings.default_policy)
-    store = SequenceStore(device_tier, overflow, metrics, limits, default_policy)
+    store = SequenceStore(chain, metrics, limits, default_policy)
+    if chain.persistent:
+        report = await store.recover()
+        log.info("recovered what the persistent tiers hold", extra=report.__dict__)
     auth = TokenAuth(settings.token_tenants())
     server = grpc.aio.server(
         interceptors=[AuthInterceptor(auth)],
@@ -162,9 +183,8 @@ async def start_server(settings: ServerSettings) -> CacheServer:
             "tls": credentials is not None,
             "mutual_tls": bool(settings.tls_client_ca),
             "tenants": len(set(auth.token_tenants.values())),
-            "device_tier": device_tier.name,
-            "device_budget_bytes": device_tier.budget_bytes,
-            "overflow": overflow.url_for_logs if overflow else None,
+            "tiers": ",".join(tier.name for tier in chain.tiers),
+            "device_budget_bytes": chain.device.budget_bytes,
             "metrics_port": metrics_http.server_port if metrics_http else None,
             "health_port": health_port,
         },

@@ -22,8 +22,8 @@ from minicache_client.proto import cache_service_pb2_grpc as pb_grpc
 from minicache_client.serving.auth import TokenAuth
 from minicache_client.serving.rpc_methods import RpcOutcomes, add_service
 from minicache_server.metrics import CacheMetrics
-from minicache_server.sequence_store import SequenceStore
 from minicache_server.service import messages
+from minicache_server.store import SequenceStore
 
 log = logging.getLogger(__name__)
 

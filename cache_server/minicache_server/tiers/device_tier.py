@@ -1,37 +1,32 @@
 """The device tier: compressed entries in GPU memory (CuPy) or host memory (NumPy).
 
 Entries are live `LayerGroupEntry` objects (merged directions, magnitudes, retained
-tokens, quantized payloads) keyed by `EntryKey`. Their size is counted exactly from
-the buffers they hold: `held_bytes` sums `nbytes` of every array after `compact` made
-each array own its memory (no view pins a larger buffer). Order is least recently used
-first; the store picks eviction victims from `coldest()`.
+tokens, quantized payloads) keyed by `EntryKey`, each made to own its memory by
+`compact` (no view pins a larger buffer). Each is counted as every tier counts it, by
+`stored_bytes` (its encoding's length), which the chain computes once per placement.
+Order is least recently used first; the chain picks demotion victims from `coldest()`.
+Nothing here does I/O: `put` and `get` are async only to honour the tier interface
+(`tiers/base.py`); the store's in-place paths use `hold` and `peek`.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable
 from types import ModuleType
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
 from minicache_client.codecs.base import has_spare_room
 from minicache_client.entry import LayerGroupEntry
+from minicache_server.tiers.base import EntryKey, IndexedTier
 
-
-class EntryKey(NamedTuple):
-    """One layer group of one sequence generation within a tenant."""
-
-    tenant: str
-    model_id: str
-    sequence_id: str
-    generation: int
-    group: int
+__all__ = ["DeviceTier", "EntryKey", "compact", "held_bytes"]
 
 
 def held_bytes(entry: LayerGroupEntry) -> int:
-    """Bytes of every buffer the entry holds (exact once compacted)."""
+    """Bytes of every buffer the entry holds in memory (exact once compacted); what the
+    tier is charged is `stored_bytes`, the encoding's length, as every tier."""
     return sum(int(array.nbytes) for array in entry.arrays())
 
 
@@ -54,59 +49,47 @@ def compact(entry: LayerGroupEntry, xp: ModuleType = np) -> LayerGroupEntry:
     return entry
 
 
-class DeviceTier:
-    """Entries under a byte budget, least recently used first."""
+class DeviceTier(IndexedTier):
+    """Live entries under a byte budget, least recently used first."""
+
+    persistent = False
 
     def __init__(self, budget_bytes: int, xp: ModuleType = np) -> None:
+        super().__init__()
         if budget_bytes <= 0:
             raise ValueError(f"device budget must be > 0 bytes, got {budget_bytes}")
         self.budget_bytes = budget_bytes
         self.xp = xp
-        self.used_bytes = 0
-        self._entries: OrderedDict[EntryKey, tuple[LayerGroupEntry, int]] = OrderedDict()
-
-    @property
-    def name(self) -> str:
-        return "gpu" if self.xp is not np else "host"
+        self.name = "gpu" if xp is not np else "host"
+        self._entries: dict[EntryKey, LayerGroupEntry] = {}
 
     def __contains__(self, key: EntryKey) -> bool:
         return key in self._entries
 
-    def __len__(self) -> int:
-        return len(self._entries)
+    async def put(self, key: EntryKey, entry: LayerGroupEntry, size: int) -> None:
+        self.hold(key, entry, size)
 
-    def free_bytes(self) -> int:
-        return self.budget_bytes - self.used_bytes
+    def hold(self, key: EntryKey, entry: LayerGroupEntry, size: int) -> None:
+        """Hold `entry` (compacted onto the tier's device) as most recently used, counted
+        as `size` (its `stored_bytes`). Replaces an entry of the same key. The caller
+        keeps the budget: this may leave the tier over it until the caller demotes."""
+        self._entries[key] = compact(entry, self.xp)
+        self._indexed(key, size)
 
-    def put(self, key: EntryKey, entry: LayerGroupEntry) -> int:
-        """Hold `entry` (compacted onto the tier's device) as most recently used; returns
-        its size. Replaces an entry of the same key. The caller keeps the budget: this
-        may leave the tier over it until the caller evicts."""
-        compact(entry, self.xp)
-        size = held_bytes(entry)
-        self.pop(key)
-        self._entries[key] = (entry, size)
-        self.used_bytes += size
-        return size
+    async def get(self, key: EntryKey) -> LayerGroupEntry | None:
+        return self.peek(key, touch=True)
 
-    def get(self, key: EntryKey, touch: bool = True) -> LayerGroupEntry | None:
-        item = self._entries.get(key)
-        if item is None:
-            return None
-        if touch:
-            self._entries.move_to_end(key)
-        return item[0]
-
-    def size_of(self, key: EntryKey) -> int:
-        return self._entries[key][1]
+    def peek(self, key: EntryKey, touch: bool = False) -> LayerGroupEntry | None:
+        """The live entry without waiting (the device tier does no I/O)."""
+        entry = self._entries.get(key)
+        if entry is not None and touch:
+            self._touched(key)
+        return entry
 
     def pop(self, key: EntryKey) -> LayerGroupEntry | None:
-        item = self._entries.pop(key, None)
-        if item is None:
-            return None
-        self.used_bytes -= item[1]
-        return item[0]
+        self._unindexed(key)
+        return self._entries.pop(key, None)
 
-    def coldest(self) -> Iterator[EntryKey]:
-        """Keys from least to most recently used (a snapshot)."""
-        return iter(list(self._entries))
+    async def delete(self, keys: Iterable[EntryKey]) -> None:
+        for key in keys:
+            self.pop(key)

@@ -1,19 +1,19 @@
-"""The overflow tier: checksummed entry encodings in Redis.
+"""The Redis tier: checksummed entry encodings in Redis, the last tier of a chain.
 
 Redis is treated as lossy: what comes back is verified and a failed check is a miss.
-Each value starts with the Redis key it was written under, so an entry that is valid but
-sits under another key (copied, renamed, a stale generation) is refused here; the
-entry's own checksum is verified by the caller (`decode_entry`). Connection settings are passed explicitly (pool size,
-timeouts, bounded retries of connection errors only): redis-py's defaults differ between
-versions. Any Redis failure surfaces as `OverflowUnavailableError`; the connection pool
+Each value starts with the name it was written under (`encoded_tier.py`), so an entry
+that is valid but sits under another key (copied, renamed, a stale generation) is
+refused; the entry's own checksum is verified by `decode_entry`. Sequence manifests
+(`put_manifest`) sit beside the entries under `<prefix>:<ids>:manifest`, so a restarted
+server finds them. Connection settings are passed explicitly (pool size, timeouts,
+bounded retries of connection errors only): redis-py's defaults differ between
+versions. Any Redis failure surfaces as `TierUnavailableError`; the connection pool
 reconnects by itself once Redis is back.
 """
 
 from __future__ import annotations
 
 import logging
-import struct
-from urllib.parse import quote
 
 import redis.asyncio as redis_asyncio
 from redis.asyncio.retry import Retry
@@ -22,19 +22,25 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from minicache_client.entry import CorruptEntryError
-from minicache_server.tiers.device_tier import EntryKey
+from minicache_server.tiers.base import (
+    EntryKey,
+    SequenceName,
+    TierUnavailableError,
+    entry_name,
+    manifest_name,
+)
+from minicache_server.tiers.encoded_tier import NAME_LENGTH, EncodedTier
 
 log = logging.getLogger(__name__)
 
-_KEY_LENGTH = struct.Struct("<H")
+# What `RedisTier` raised before the tier interface; the same class.
+OverflowUnavailableError = TierUnavailableError
 
 
-class OverflowUnavailableError(RuntimeError):
-    """Redis did not answer (down, timed out, refused the credentials)."""
+class RedisTier(EncodedTier):
+    name = "redis"
+    budget_bytes = None
 
-
-class RedisTier:
     def __init__(
         self,
         url: str,
@@ -47,6 +53,7 @@ class RedisTier:
         ttl_s: int = 0,
         key_prefix: str = "minicache",
     ) -> None:
+        super().__init__()
         options = {
             "max_connections": pool_size,
             "socket_timeout": timeout_s,
@@ -71,59 +78,81 @@ class RedisTier:
         self.url_for_logs = url.split("@")[-1]
 
     def key(self, key: EntryKey) -> str:
-        """Redis key of an entry: prefix and tenant first, ids escaped (no ':' inside)."""
-        parts = (key.tenant, key.model_id, key.sequence_id)
-        escaped = ":".join(quote(part, safe="") for part in parts)
-        return f"{self.key_prefix}:{escaped}:{key.generation}:{key.group}"
+        """Redis key of an entry: the prefix, then `entry_name` (tenant first)."""
+        return f"{self.key_prefix}:{entry_name(key)}"
 
-    def _failed(self, action: str, exc: Exception) -> OverflowUnavailableError:
+    def _failed(self, action: str, exc: Exception) -> TierUnavailableError:
         if self.available:
             log.warning(
-                "overflow tier unavailable", extra={"redis": self.url_for_logs, "error": str(exc)}
+                "Redis tier unavailable", extra={"redis": self.url_for_logs, "error": str(exc)}
             )
         self.available = False
-        return OverflowUnavailableError(f"overflow tier (Redis) unavailable during {action}: {exc}")
+        return TierUnavailableError(f"Redis tier unavailable during {action}: {exc}")
 
     def _succeeded(self) -> None:
         if not self.available:
-            log.info("overflow tier available again", extra={"redis": self.url_for_logs})
+            log.info("Redis tier available again", extra={"redis": self.url_for_logs})
         self.available = True
 
-    async def put(self, key: EntryKey, data: bytes) -> None:
-        """Store `data`; returns once Redis acknowledged the write."""
-        name = self.key(key)
-        bound = _KEY_LENGTH.pack(len(name.encode())) + name.encode() + data
+    async def write(self, name: str, parts: list[bytes | memoryview]) -> None:
+        """Returns once Redis acknowledged the write."""
+        value = b"".join(parts)
         try:
-            await self.client.set(name, bound, ex=self.ttl_s or None)
+            await self.client.set(f"{self.key_prefix}:{name}", value, ex=self.ttl_s or None)
         except (RedisError, OSError) as exc:
             raise self._failed("write", exc) from exc
         self._succeeded()
 
-    async def get(self, key: EntryKey) -> memoryview | None:
-        """The stored bytes, None when the key is absent; `CorruptEntryError` when the
-        value was not written under this key."""
-        name = self.key(key).encode()
+    async def read(self, name: str) -> bytes | None:
         try:
-            data = await self.client.get(name)
+            value = await self.client.get(f"{self.key_prefix}:{name}")
         except (RedisError, OSError) as exc:
             raise self._failed("read", exc) from exc
         self._succeeded()
-        if data is None:
-            return None
-        view = memoryview(data)
-        size = _KEY_LENGTH.size
-        if len(view) < size or view[size : size + _KEY_LENGTH.unpack_from(view)[0]] != name:
-            raise CorruptEntryError("overflowed value was not written under its key")
-        return view[size + len(name) :]
+        return value
 
-    async def delete(self, keys: list[EntryKey]) -> None:
-        if not keys:
-            return
+    async def remove(self, names: list[str]) -> None:
         try:
-            await self.client.delete(*(self.key(key) for key in keys))
+            await self.client.delete(*(f"{self.key_prefix}:{name}" for name in names))
         except (RedisError, OSError) as exc:
             raise self._failed("delete", exc) from exc
         self._succeeded()
+
+    async def recover_entries(self, keys: list[EntryKey]) -> dict[EntryKey, int]:
+        if not keys:
+            return {}
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.strlen(self.key(key))
+                lengths = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise self._failed("recovery", exc) from exc
+        found = {}
+        for key, length in zip(keys, lengths, strict=True):
+            binding = NAME_LENGTH.size + len(entry_name(key).encode())
+            if length > binding:
+                found[key] = length - binding
+                self._indexed(key, length - binding)
+        return found
+
+    async def put_manifest(self, name: SequenceName, data: bytes) -> None:
+        await self.write(manifest_name(name), [data])
+
+    async def delete_manifest(self, name: SequenceName) -> None:
+        await self.remove([manifest_name(name)])
+
+    async def manifests(self) -> list[bytes]:
+        found: list[bytes] = []
+        try:
+            keys = [key async for key in self.client.scan_iter(f"{self.key_prefix}:*:manifest")]
+            for start in range(0, len(keys), 256):
+                values = await self.client.mget(keys[start : start + 256])
+                found.extend(value for value in values if value is not None)
+        except (RedisError, OSError) as exc:
+            raise self._failed("recovery", exc) from exc
+        self._succeeded()
+        return found
 
     async def ping(self) -> bool:
         try:
