@@ -53,7 +53,7 @@ class LookupResult:
     head_dim: int
     dtype: str
     device_bytes: int  # stored bytes in the device tier
-    overflow_bytes: int  # stored bytes overflowed to Redis
+    overflow_bytes: int  # stored bytes in the tiers below the device (disk, Redis)
     device_groups: int
     overflow_groups: int
     fp16_bytes: int

@@ -9,11 +9,13 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from minicache_server.service.server import CacheServer, start_server
 from minicache_server.settings import ServerSettings
@@ -190,3 +192,16 @@ def kv_layers(
         values = rng.standard_normal(shared.shape)
         layers.append((keys.astype(dtype), values.astype(dtype)))
     return layers
+
+
+def scrape_tier_bytes(metrics_port: int) -> dict[str, float]:
+    """`minicache_tier_bytes` by tier, from one GET /metrics parsed by prometheus-client."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    return {
+        sample.labels["tier"]: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "minicache_tier_bytes"
+        for sample in family.samples
+    }

@@ -65,7 +65,7 @@ async def recover(store: SequenceStore) -> RecoveryReport:
                 newest[sequence.name] = sequence
     recovered = dropped = 0
     for name, sequence in newest.items():
-        keys = sequence.keys()
+        keys = sequence.entry_keys()
         found: dict[EntryKey, int] = {}
         for tier in chain.persistent:
             missing = [key for key in keys if key not in found]

@@ -259,7 +259,7 @@ class SequenceStore:
     async def write_manifests(self, sequence: StoredSequence) -> None:
         """The sequence's manifest in every persistent tier that holds one of its
         entries (where it is stale or missing)."""
-        keys = sequence.keys()
+        keys = sequence.entry_keys()
         for tier in self.chain.persistent:
             if any(tier.contains(key) for key in keys):
                 try:
@@ -280,5 +280,5 @@ class SequenceStore:
         """Forget a sequence and free its entries and manifests in every tier."""
         if self.sequences.get(sequence.name) is sequence:
             del self.sequences[sequence.name]
-        await self.chain.delete(sequence.keys())
+        await self.chain.delete(sequence.entry_keys())
         await self.delete_manifests(sequence)

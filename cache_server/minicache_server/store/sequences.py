@@ -63,7 +63,7 @@ class StoredSequence:
     def key(self, group: int) -> EntryKey:
         return EntryKey(*self.name, self.generation, group)
 
-    def keys(self) -> list[EntryKey]:
+    def entry_keys(self) -> list[EntryKey]:
         return [self.key(group) for group in range(len(self.groups))]
 
     def group_of(self, layer: int) -> int:

@@ -361,7 +361,7 @@ async def _extend_in_place(
     """The in-place path: False (nothing changed) when some group is below the device
     or the device cannot make room for the growth."""
     device = store.device
-    keys = sequence.keys()
+    keys = sequence.entry_keys()
     if not all(device.contains(key) for key in keys):
         return False
     reserve = growth + METADATA_GROWTH_BYTES * len(keys)
@@ -403,7 +403,7 @@ async def _extend_through_chain(
             await store.place(key, entry, size, generation, "this extension")
             placed.append(key)
             sizes.append(size)
-        old_keys = sequence.keys()
+        old_keys = sequence.entry_keys()
         previous = (sequence.generation, sequence.tokens, sequence.entry_bytes)
         sequence.generation, sequence.tokens, sequence.entry_bytes = generation, session.end, sizes
         try:
