@@ -7,12 +7,13 @@ than the device budget written and extended through the lower tiers."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from service_fixtures import kv_layers, scrape_tier_bytes
+from service_fixtures import kv_layers, scrape_tier_bytes, settings_for
 
 from minicache_client import (
     CacheClient,
@@ -23,6 +24,7 @@ from minicache_client import (
 from minicache_client.entry import stored_bytes
 from minicache_client.policy import PRESETS
 from minicache_client.sequence_encoder import SequenceEncoder
+from minicache_client.serving.settings import SettingsError
 from minicache_server.tiers.base import entry_name
 from minicache_server.tiers.disk_tier import file_name
 
@@ -354,3 +356,18 @@ def test_a_sequence_larger_than_the_device_is_written_and_extended(
             ]
         assert client.lookup("m", "grows").overflow_groups > 0
         assert_exact(client, "grows", grown)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"tiers": "disk,device"}, "MINICACHE_TIERS (--tiers): tiers 'disk,device' is not one of"),
+        ({"tiers": "device,redis,disk"}, "is not one of"),
+        ({"tiers": "device,disk"}, "set MINICACHE_DISK_DIR"),
+        ({"tiers": "device", "redis_url": "redis://127.0.0.1:1/0"}, "set MINICACHE_REDIS_URL"),
+        ({"disk_budget_bytes": 0}, "MINICACHE_DISK_BUDGET_BYTES"),
+    ],
+)
+def test_a_bad_tier_chain_stops_start_up_naming_its_variable(overrides, message) -> None:
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        settings_for(**overrides)
