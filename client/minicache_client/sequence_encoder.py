@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from minicache_client.array_namespace import CARRIER_DTYPES, array_namespace, check_kv_dtype
 from minicache_client.codecs import KINDS, codecs_for_group
 from minicache_client.entry import LayerGroupEntry, fp16_bytes, stored_bytes
@@ -26,6 +28,9 @@ _EXPONENT_MASKS = {
 }
 
 
+_FINITE_CHUNK = 1 << 16
+
+
 def check_finite(array: Any, dtype: str, what: str) -> None:
     """Raise ValueError when a KV tensor holds NaN or Inf.
 
@@ -35,9 +40,17 @@ def check_finite(array: Any, dtype: str, what: str) -> None:
         return
     xp = array_namespace(array)
     mask, carrier = _EXPONENT_MASKS[dtype]
-    bits = xp.ascontiguousarray(array).view(getattr(xp, carrier))
-    if int((bits & mask).max()) == mask:
-        raise ValueError(f"{what} contains NaN or Inf values")
+    bits = xp.ascontiguousarray(array).view(getattr(xp, carrier)).reshape(-1)
+    # On NumPy in chunks through one scratch array that stays in cache: a masked copy of
+    # the whole tensor would cost a pass over fresh memory (page faults) before the max.
+    step = bits.size if xp is not np else _FINITE_CHUNK
+    scratch = xp.empty(min(step, bits.size), dtype=bits.dtype)
+    for first in range(0, bits.size, step):
+        part = bits[first : first + step]
+        masked = scratch[: part.size]
+        xp.bitwise_and(part, mask, out=masked)
+        if int(masked.max()) == mask:
+            raise ValueError(f"{what} contains NaN or Inf values")
 
 
 class LayerGroupEncoder:
@@ -94,9 +107,11 @@ class LayerGroupEncoder:
             check_finite(array, self.dtype, what)
         return tokens
 
-    def append(self, keys: Sequence[Any], values: Sequence[Any]) -> None:
+    def append(self, keys: Sequence[Any], values: Sequence[Any], owned: bool = False) -> None:
         """Append the next tokens: one `[kv_heads, n, head_dim]` tensor per layer of the
-        group, for keys and for values, in the carrier dtype of the entry's dtype."""
+        group, for keys and for values, in the carrier dtype of the entry's dtype.
+        `owned`: the caller hands the arrays over (it will not touch them again), so a
+        codec may keep them without a copy (`Codec.adopt`)."""
         count = self._check_chunk(keys, "keys")
         if self._check_chunk(values, "values") != count:
             raise ValueError("keys and values differ in token count")
@@ -105,7 +120,9 @@ class LayerGroupEncoder:
         for kind, chunk in zip(KINDS, (keys, values), strict=True):
             position = 0
             for codec in getattr(self.entry, kind):
-                codec.append(chunk[position : position + codec.layer_count])
+                part = chunk[position : position + codec.layer_count]
+                if not (owned and codec.adopt(part)):
+                    codec.append(part)
                 position += codec.layer_count
 
     def seal(self) -> None:
@@ -144,10 +161,12 @@ class SequenceEncoder:
             raise ValueError(f"layer {layer} is out of range for {self.num_layers} layers")
         return self._encoder_of[layer]
 
-    def put_layer(self, layer: int, keys: Any, values: Any, seal: bool = False) -> None:
+    def put_layer(
+        self, layer: int, keys: Any, values: Any, seal: bool = False, owned: bool = False
+    ) -> None:
         """The next tokens of one layer, `[kv_heads, n, head_dim]` each. `seal` marks the
         end of a bulk put (a prefill): partial blocks are closed once the layer's group
-        is complete."""
+        is complete. `owned`: the caller hands the arrays over (`LayerGroupEncoder.append`)."""
         encoder = self._encoder(layer)
         layers = encoder.group.layers
         if layer in self.pending:
@@ -164,7 +183,9 @@ class SequenceEncoder:
                 f"layers {layers} of one group carry different token counts ({sorted(counts)})"
             )
         # A rejected chunk leaves the waiting layers in place.
-        encoder.append([parts[other][0] for other in layers], [parts[other][1] for other in layers])
+        encoder.append(
+            [parts[other][0] for other in layers], [parts[other][1] for other in layers], owned
+        )
         for other in layers:
             self.pending.pop(other, None)
         if seal:

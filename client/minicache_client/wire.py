@@ -57,16 +57,8 @@ def tokens_per_chunk(kv_heads: int, head_dim: int, dtype: str, max_chunk_bytes: 
     return max_chunk_bytes // per_token
 
 
-def layer_chunks(
-    layer: int,
-    keys: Any,
-    values: Any,
-    dtype: str,
-    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    token_offset: int = 0,
-) -> Iterator[pb.LayerChunk]:
-    """Chunks of one layer; `keys`/`values` are `[kv_heads, tokens, head_dim]` arrays in
-    the carrier dtype of `dtype` (NumPy, CuPy, or anything with `__array__`)."""
+def _checked_layer(layer: int, keys: Any, values: Any, dtype: str) -> tuple[Any, Any]:
+    """Host arrays of one layer's keys and values, checked against `dtype`'s carrier."""
     keys, values = to_numpy(keys), to_numpy(values)
     carrier = carrier_of(dtype)
     if keys.shape != values.shape or keys.ndim != 3:
@@ -79,10 +71,28 @@ def layer_chunks(
             f"layer {layer}: dtype {keys.dtype}/{values.dtype} does not carry {dtype} "
             f"(expected {carrier})"
         )
-    heads, tokens, dim = keys.shape
+    return keys, values
+
+
+def _token_ranges(shape: tuple[int, ...], dtype: str, max_chunk_bytes: int):
+    heads, tokens, dim = shape
     step = tokens_per_chunk(heads, dim, dtype, max_chunk_bytes)
     for start in range(0, tokens, step):
-        end = min(tokens, start + step)
+        yield start, min(tokens, start + step)
+
+
+def layer_chunks(
+    layer: int,
+    keys: Any,
+    values: Any,
+    dtype: str,
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    token_offset: int = 0,
+) -> Iterator[pb.LayerChunk]:
+    """Chunks of one layer; `keys`/`values` are `[kv_heads, tokens, head_dim]` arrays in
+    the carrier dtype of `dtype` (NumPy, CuPy, or anything with `__array__`)."""
+    keys, values = _checked_layer(layer, keys, values, dtype)
+    for start, end in _token_ranges(keys.shape, dtype, max_chunk_bytes):
         yield pb.LayerChunk(
             layer=layer,
             token_offset=token_offset + start,
@@ -90,6 +100,67 @@ def layer_chunks(
             # tobytes() is the one copy: a token slice of [heads, tokens, dim] is strided.
             keys=keys[:, start:end].tobytes(),
             values=values[:, start:end].tobytes(),
+        )
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _length_delimited_key(message: Any, field: str) -> bytes:
+    """The key of a length-delimited field (wire type 2), its number from protos/."""
+    return _varint(message.DESCRIPTOR.fields_by_name[field].number << 3 | 2)
+
+
+_KEYS_KEY = _length_delimited_key(pb.LayerChunk, "keys")
+_VALUES_KEY = _length_delimited_key(pb.LayerChunk, "values")
+
+
+def serialized_layer_chunks(
+    layer: int,
+    keys: Any,
+    values: Any,
+    dtype: str,
+    envelope: Any,
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Iterator[bytes]:
+    """`layer_chunks` already serialized, each as the `chunk` field of an `envelope`
+    message (`pb.PrefetchResponse` or `pb.PutRequest`), for a stream whose serializer
+    passes bytes through.
+
+    Each message is built with one copy of its KV: the rows of every head joined
+    straight into the message's bytes. Through protobuf the same bytes are copied three
+    times (out of the arrays, into the message, into its serialization), which on
+    loopback costs more than the wire. The encoding is protobuf's own (tests parse it
+    back): the small fields serialized by protobuf, then the two byte fields, each a key,
+    a varint length and the data."""
+    keys, values = _checked_layer(layer, keys, values, dtype)
+    keys, values = np.ascontiguousarray(keys), np.ascontiguousarray(values)
+    envelope_key = _length_delimited_key(envelope, "chunk")
+    heads = keys.shape[0]
+    for start, end in _token_ranges(keys.shape, dtype, max_chunk_bytes):
+        fields = pb.LayerChunk(layer=layer, token_offset=start, tokens=end - start)
+        small = fields.SerializeToString()
+        size = keys[:, start:end].nbytes
+        length = _varint(size)
+        inner = len(small) + 2 * (len(_KEYS_KEY) + len(length) + size)
+        yield b"".join(
+            [
+                envelope_key,
+                _varint(inner),
+                small,
+                _KEYS_KEY,
+                length,
+                *(keys[head, start:end] for head in range(heads)),
+                _VALUES_KEY,
+                length,
+                *(values[head, start:end] for head in range(heads)),
+            ]
         )
 
 

@@ -15,7 +15,7 @@ from minicache_client.errors import InvalidArgumentError
 from minicache_client.proto import cache_service_pb2 as pb
 from minicache_client.protocol import check_id, check_tag
 from minicache_client.results import LookupResult, PutResult, StatsResult
-from minicache_client.wire import DTYPE_TO_WIRE, dtype_from_wire, layer_chunks
+from minicache_client.wire import DTYPE_TO_WIRE, dtype_from_wire, serialized_layer_chunks
 from minicache_server import domain
 
 WIRE_FORMS = (pb.WIRE_FORM_UNSPECIFIED, pb.WIRE_FORM_RESTORED, pb.WIRE_FORM_COMPRESSED)
@@ -103,14 +103,15 @@ def header_message(header: domain.SequenceHeader) -> pb.SequenceHeader:
 def prefetch_responses(
     part: domain.SequenceHeader | domain.RestoredLayer | domain.StoredEntry,
     max_chunk_bytes: int,
-) -> Iterator[pb.PrefetchResponse]:
-    """One part of a prefetch as its messages: a layer, or an entry, in chunks of at
-    most `max_chunk_bytes`."""
+) -> Iterator[pb.PrefetchResponse | bytes]:
+    """One part of a prefetch as its messages: a layer (serialized here, with one copy
+    of its KV), or an entry, in chunks of at most `max_chunk_bytes`."""
     if isinstance(part, domain.SequenceHeader):
         yield pb.PrefetchResponse(header=header_message(part))
     elif isinstance(part, domain.RestoredLayer):
-        for chunk in layer_chunks(part.layer, part.keys, part.values, part.dtype, max_chunk_bytes):
-            yield pb.PrefetchResponse(chunk=chunk)
+        yield from serialized_layer_chunks(
+            part.layer, part.keys, part.values, part.dtype, pb.PrefetchResponse, max_chunk_bytes
+        )
     else:
         data = part.data
         for offset in range(0, len(data), max_chunk_bytes):

@@ -23,6 +23,8 @@ appends them to every group:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from minicache_client.array_namespace import CARRIER_DTYPES
@@ -67,6 +69,21 @@ def room_error(exc: NoRoomError | TierUnavailableError, what: str) -> CacheError
     if isinstance(exc, TierUnavailableError) or exc.retryable:
         return UnavailableError(f"{what}: {exc}")
     return ResourceExhaustedError(f"{what}: {exc}")
+
+
+# Layers of a put that may wait for the encoder while the next chunks are read.
+MAX_QUEUED_LAYERS = 2
+
+
+@contextlib.contextmanager
+def _tensor_errors() -> Iterator[None]:
+    """The engine's checks of the tensors (ValueError) as INVALID_ARGUMENT."""
+    try:
+        yield
+    except ValueError as exc:
+        if isinstance(exc, CacheError):
+            raise
+        raise InvalidArgumentError(str(exc)) from None
 
 
 class PutSession:
@@ -128,6 +145,8 @@ class PutSession:
         # A new write's entries, placed in the chain as their groups complete.
         self.generation = store.begin_generation() if self.encoder is not None else None
         self.encoded_layers: set[int] = set()
+        self.queued: set[int] = set()  # handed to the encoder, not encoded yet
+        self.encoding: asyncio.Future | None = None  # the last of those jobs
         self.placed: dict[int, int] = {}  # group -> stored bytes
         self.committed = False
 
@@ -135,6 +154,8 @@ class PutSession:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        if self.encoding is not None and not self.encoding.done():
+            self.encoding.cancel()  # a failed or cancelled put: nothing more is placed
         self._restage(0)
         if self.generation is not None:
             placed = [self.key(group) for group in self.placed]
@@ -177,6 +198,11 @@ class PutSession:
                 f"together holds ({tiers} bytes)"
             )
 
+    def _fits(self, staged: int) -> bool:
+        """Whether this put could stage `staged` bytes now without a refusal."""
+        budget = self.store.device.budget_bytes
+        return staged <= budget and self.store.staged_bytes - self.staged + staged <= budget
+
     def _restage(self, staged: int) -> None:
         """Hold `staged` bytes of staging: at most the device budget for this put, and
         for every put in progress together (beyond that a retry can help)."""
@@ -203,7 +229,7 @@ class PutSession:
         assembler = self.assembler
         assembling = sum(1 for layer in assembler.filled if layer not in assembler.complete)
         waiting = len(self.encoder.pending) if self.encoder is not None else 0
-        return (assembling + waiting + len(self.layers)) * self.layer_bytes
+        return (assembling + len(self.queued) + waiting + len(self.layers)) * self.layer_bytes
 
     def _check_extension(self, header: SequenceHeader) -> None:
         existing = self.existing
@@ -237,29 +263,54 @@ class PutSession:
                 f"chunk of {size} bytes is above the limit of {self.store.limits.max_chunk_bytes}"
             )
         if chunk.layer < self.shape[0] and chunk.layer not in self.assembler.filled:
-            # A new layer: its room is taken before its bytes are copied.
+            # A new layer: its room is taken before its bytes are copied (after the
+            # encoder caught up, if the layers it still holds leave no room).
+            if self.queued and not self._fits(self.staged + self.layer_bytes):
+                await self.encoded()
             self._restage(self.staged + self.layer_bytes)
         layer = self.assembler.add(chunk)
         if layer is None:
             return
         keys, values = (self.store.to_device(array) for array in layer)
-        try:
-            for name, array in (("keys", keys), ("values", values)):
-                check_finite(array, self.dtype, f"layer {chunk.layer} {name}")
-            if self.encoder is None:
-                self.layers[chunk.layer] = (keys, values)  # applied at commit, all or nothing
-            else:
-                await asyncio.to_thread(
-                    self.encoder.put_layer, chunk.layer, keys, values, self.seal
-                )
-                self.encoded_layers.add(chunk.layer)
-        except ValueError as exc:  # the engine's checks of the tensors
-            if isinstance(exc, CacheError):
-                raise
-            raise InvalidArgumentError(str(exc)) from None
+        if self.encoder is None:
+            with _tensor_errors():
+                for name, array in (("keys", keys), ("values", values)):
+                    check_finite(array, self.dtype, f"layer {chunk.layer} {name}")
+            self.layers[chunk.layer] = (keys, values)  # applied at commit, all or nothing
+            self._restage(self._staging())
+            return
+        # The encoder (which checks the tensors too) works on a thread while this reads
+        # the next chunks; a few layers at most wait for it.
+        if self.queued and (
+            len(self.queued) >= MAX_QUEUED_LAYERS
+            or not self._fits(self._staging() + self.layer_bytes)
+        ):
+            await self.encoded()  # waiting on the encoder never refuses a put
+        self.queued.add(chunk.layer)
         self._restage(self._staging())
-        if self.encoder is not None:
-            await self._place_complete_groups()
+        self.encoding = asyncio.ensure_future(
+            self._encode(chunk.layer, keys, values, self.encoding)
+        )
+
+    async def _encode(self, layer: int, keys: Any, values: Any, previous: Any) -> None:
+        """Encode one layer after the layers before it, then place complete groups."""
+        if previous is not None:
+            await previous
+        with _tensor_errors():
+            # The assembled arrays are this put's own: the encoder may keep them.
+            await asyncio.to_thread(
+                self.encoder.put_layer, layer, keys, values, self.seal, owned=True
+            )
+        self.queued.discard(layer)
+        self.encoded_layers.add(layer)
+        self._restage(self._staging())
+        await self._place_complete_groups()
+
+    async def encoded(self) -> None:
+        """Wait until every layer handed to the encoder is encoded and placed; the
+        first failure among them raises here."""
+        if self.encoding is not None:
+            await self.encoding
 
     async def _place_complete_groups(self) -> None:
         """Place every group whose layers are all encoded and that is not placed yet."""
@@ -272,6 +323,7 @@ class PutSession:
             self.placed[group] = size
 
     async def commit(self) -> StoredSequence:
+        await self.encoded()
         missing = self.assembler.missing_layers()
         if missing:
             shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")

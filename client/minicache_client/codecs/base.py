@@ -110,6 +110,12 @@ class Codec(ABC):
     def append(self, chunk: Sequence[Any]) -> None:
         """The next tokens: `layer_count` tensors `[kv_heads, n, head_dim]`."""
 
+    def adopt(self, chunk: Sequence[Any]) -> bool:
+        """Optional hook: take the first tokens as they are, without a copy, from a
+        caller that hands over arrays it will not touch again. False (the default): the
+        caller appends them instead."""
+        return False
+
     def seal(self) -> None:  # noqa: B027 - optional hook: most codecs keep nothing open
         """End of a bulk put: close partial blocks. Later appends start new ones."""
 

@@ -47,6 +47,13 @@ class RawStream(Codec):
         (array,) = chunk
         self.values, self._backing = extend_tokens(self.values, array, self._backing)
 
+    def adopt(self, chunk: Sequence[Any]) -> bool:
+        (array,) = chunk
+        if self.tokens:
+            return False
+        self.values, self._backing = array, None
+        return True
+
     def restore(self, which: int, start: int, end: int, dtype: str) -> Any:
         held = self.values[:, start:end]
         return held.copy() if dtype == self.dtype else recast(held, self.dtype, dtype)

@@ -62,6 +62,12 @@ class UndecodableRequestError(InvalidArgumentError):
     """The request's bytes are not a valid message of its type."""
 
 
+def response_serializer(response: Any) -> bytes:
+    """A response message's encoding; bytes pass through, so a method may yield
+    messages it serialized itself (`wire.serialized_layer_chunks`)."""
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
 def request_deserializer(message_class: type) -> Callable[[bytes], Any]:
     """`message_class.FromString` that returns an `UndecodableRequest` instead of raising."""
 
@@ -313,7 +319,7 @@ def add_service(
         handlers[method.name] = HANDLER_FACTORIES[shape](
             behaviour,
             request_deserializer=request_deserializer(GetMessageClass(method.input_type)),
-            response_serializer=GetMessageClass(method.output_type).SerializeToString,
+            response_serializer=response_serializer,
         )
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
