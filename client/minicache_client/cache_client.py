@@ -207,6 +207,12 @@ class CacheClient(ChannelClient):
     def __init__(self, config: ClientConfig) -> None:
         super().__init__(config)
         self._stub = cache_service_pb2_grpc.CacheServiceStub(self._channel)
+        # Put with requests serialized by `put_requests` (one copy of the KV each).
+        self._put_serialized = self._channel.stream_unary(
+            f"/{pb.DESCRIPTOR.services_by_name['CacheService'].full_name}/Put",
+            request_serializer=None,
+            response_deserializer=pb.PutResponse.FromString,
+        )
 
     def _timeout(self, timeout_s: float | None) -> float:
         return check_timeout(timeout_s, self.config.timeout_s)
@@ -254,7 +260,7 @@ class CacheClient(ChannelClient):
         tokens_per_chunk(shape.kv_heads, shape.head_dim, dtype, self.config.max_chunk_bytes)
         requests = put_requests(header, carried, dtype, self.config.max_chunk_bytes)
         with typed_errors():
-            response = self._stub.Put(requests, timeout=timeout, metadata=self._metadata)
+            response = self._put_serialized(requests, timeout=timeout, metadata=self._metadata)
         return PutResult.from_proto(response)
 
     def open_put(

@@ -51,6 +51,7 @@ from minicache_client.wire import (
     carrier_of,
     dtype_from_wire,
     layer_chunks,
+    serialized_layer_chunks,
     tokens_per_chunk,
 )
 
@@ -256,13 +257,15 @@ def put_requests(
     layers: Sequence[tuple[np.ndarray, np.ndarray]],
     dtype: str,
     max_chunk_bytes: int,
-) -> Iterator[pb.PutRequest]:
-    """The header, then the chunks of every layer in order (carriers from
-    `carried_layers`: nothing here can fail once the call has started)."""
-    yield pb.PutRequest(header=header)
+) -> Iterator[bytes]:
+    """The header, then the chunks of every layer in order, as serialized `PutRequest`s
+    (each chunk built with one copy of its KV: `wire.serialized_layer_chunks`; carriers
+    from `carried_layers`: nothing here can fail once the call has started)."""
+    yield pb.PutRequest(header=header).SerializeToString()
     for layer, (keys, values) in enumerate(layers):
-        for chunk in layer_chunks(layer, keys, values, dtype, max_chunk_bytes):
-            yield pb.PutRequest(chunk=chunk)
+        yield from serialized_layer_chunks(
+            layer, keys, values, dtype, pb.PutRequest, max_chunk_bytes
+        )
 
 
 class PutProgress:

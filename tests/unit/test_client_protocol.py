@@ -59,9 +59,12 @@ def test_put_requests_are_the_header_then_bounded_chunks_of_every_layer() -> Non
     layers = make_layers()
     header = header_for()
     max_chunk_bytes = 1024  # 64 bytes per token of keys + values: 16 tokens per chunk
-    requests = list(
-        put_requests(header, carried_layers(layers, "float16")[0], "float16", max_chunk_bytes)
-    )
+    requests = [
+        pb.PutRequest.FromString(data)  # serialized by hand: they parse as the messages
+        for data in put_requests(
+            header, carried_layers(layers, "float16")[0], "float16", max_chunk_bytes
+        )
+    ]
     assert requests[0].WhichOneof("item") == "header"
     assert requests[0].header == header
     chunks = [request.chunk for request in requests[1:]]
