@@ -274,6 +274,11 @@ class CompressionPolicy:
         return None
 
     @property
+    def stores_raw(self) -> bool:
+        """Neither merge nor quantization: every token is stored as it arrived."""
+        return self.merge is None and self.quantization is None
+
+    @property
     def min_num_layers(self) -> int:
         """The fewest layers a model needs for every layer this policy names to exist."""
         named = [0]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -188,7 +189,7 @@ class PutSession:
         capacity = store.chain.capacity()
         if capacity is None:
             return
-        stores_raw = self.policy.merge is None and self.policy.quantization is None
+        stores_raw = self.policy.stores_raw
         values = raw // CARRIER_DTYPES[self.dtype].itemsize
         least = raw if stores_raw else values * MIN_STORED_BITS_PER_VALUE // 8
         if least > capacity:
@@ -296,11 +297,17 @@ class PutSession:
         """Encode one layer after the layers before it, then place complete groups."""
         if previous is not None:
             await previous
+        # The assembled arrays are this put's own: the encoder may keep them. Stored
+        # raw, it keeps them as they are (one masked pass to check them, no copy), work
+        # too small for a trip to a thread, which would cost more than it does.
+        encode = functools.partial(
+            self.encoder.put_layer, layer, keys, values, self.seal, owned=True
+        )
         with _tensor_errors():
-            # The assembled arrays are this put's own: the encoder may keep them.
-            await asyncio.to_thread(
-                self.encoder.put_layer, layer, keys, values, self.seal, owned=True
-            )
+            if self.policy.stores_raw:
+                encode()
+            else:
+                await asyncio.to_thread(encode)
         self.queued.discard(layer)
         self.encoded_layers.add(layer)
         self._restage(self._staging())
