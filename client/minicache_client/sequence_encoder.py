@@ -41,14 +41,18 @@ def check_finite(array: Any, dtype: str, what: str) -> None:
     xp = array_namespace(array)
     mask, carrier = _EXPONENT_MASKS[dtype]
     bits = xp.ascontiguousarray(array).view(getattr(xp, carrier)).reshape(-1)
-    # On NumPy in chunks through one scratch array that stays in cache: a masked copy of
-    # the whole tensor would cost a pass over fresh memory (page faults) before the max.
-    step = bits.size if xp is not np else _FINITE_CHUNK
-    scratch = xp.empty(min(step, bits.size), dtype=bits.dtype)
+    # A large tensor on NumPy goes in chunks through one scratch array that stays in
+    # cache: a masked copy of the whole of it would cost a pass over fresh memory (page
+    # faults) before the max.
+    step = _FINITE_CHUNK if xp is np and bits.size > _FINITE_CHUNK else bits.size
+    scratch = None
     for first in range(0, bits.size, step):
         part = bits[first : first + step]
-        masked = scratch[: part.size]
-        xp.bitwise_and(part, mask, out=masked)
+        if step == bits.size:
+            masked = part & mask
+        else:
+            scratch = xp.empty(step, dtype=bits.dtype) if scratch is None else scratch
+            masked = xp.bitwise_and(part, mask, out=scratch[: part.size])
         if int(masked.max()) == mask:
             raise ValueError(f"{what} contains NaN or Inf values")
 
