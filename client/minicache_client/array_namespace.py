@@ -50,9 +50,15 @@ def to_numpy(array: Any) -> np.ndarray:
     return np.asarray(array)
 
 
+@functools.cache
+def _array_types() -> tuple[type, ...]:
+    cupy = _cupy()
+    return (np.ndarray,) if cupy is None else (np.ndarray, cupy.ndarray)
+
+
 def is_array(value: Any) -> bool:
-    """A NumPy or CuPy array (anything with a dtype, a shape and a byte size)."""
-    return hasattr(value, "nbytes") and hasattr(value, "dtype") and hasattr(value, "shape")
+    """A NumPy or CuPy array."""
+    return isinstance(value, _array_types())
 
 
 def check_kv_dtype(dtype: str) -> str:

@@ -102,8 +102,8 @@ def _padding(size: int) -> int:
 
 def _codec_to_plain(codec: Codec, arrays: list[Any]) -> dict[str, Any]:
     plain: dict[str, Any] = {"codec": codec.name}
-    for field in dataclasses.fields(codec):
-        value = getattr(codec, field.name)
+    for name in codec.field_names():
+        value = getattr(codec, name)
         if isinstance(value, Codec):
             value = _codec_to_plain(value, arrays)
         elif is_array(value):
@@ -111,7 +111,7 @@ def _codec_to_plain(codec: Codec, arrays: list[Any]) -> dict[str, Any]:
             value = {"__array__": len(arrays) - 1}
         elif isinstance(value, np.generic):
             value = value.item()
-        plain[field.name] = value
+        plain[name] = value
     return plain
 
 
@@ -126,7 +126,7 @@ def _layout(entry: LayerGroupEntry) -> tuple[bytes, list[Any]]:
         "keys": [_codec_to_plain(codec, arrays) for codec in entry.keys],
         "values": [_codec_to_plain(codec, arrays) for codec in entry.values],
     }
-    meta["arrays"] = [[np.dtype(a.dtype).str, list(a.shape)] for a in arrays]
+    meta["arrays"] = [[a.dtype.str, list(a.shape)] for a in arrays]
     return msgpack.packb(meta, use_bin_type=True), arrays
 
 

@@ -399,19 +399,38 @@ async def commit_extension(store: SequenceStore, session: PutSession) -> StoredS
     return sequence
 
 
-def _apply(session: PutSession, sequence: StoredSequence, entries: list[LayerGroupEntry]) -> None:
+def extension_encoder(sequence: StoredSequence, entries: list[LayerGroupEntry]) -> SequenceEncoder:
+    """An encoder continuing `entries`: the sequence's last one while it still holds
+    these very entries (consecutive decode steps), else a new one."""
+    encoder = sequence.encoder
+    if encoder is None or any(
+        mine is not live for mine, live in zip(encoder.entries, entries, strict=True)
+    ):
+        encoder = SequenceEncoder(
+            sequence.policy,
+            num_layers=sequence.num_layers,
+            kv_heads=sequence.kv_heads,
+            head_dim=sequence.head_dim,
+            dtype=sequence.dtype,
+        )
+        encoder.load_entries(entries)
+    return encoder
+
+
+# An extension of at most this many tokens (a decode step or a few) is applied on the
+# event loop: less work than a trip to a thread costs.
+INLINE_EXTENSION_TOKENS = 16
+
+
+def _apply(
+    session: PutSession, sequence: StoredSequence, entries: list[LayerGroupEntry]
+) -> SequenceEncoder:
     """Append the session's raw tokens to `entries` (one per group, in group order)."""
-    encoder = SequenceEncoder(
-        sequence.policy,
-        num_layers=sequence.num_layers,
-        kv_heads=sequence.kv_heads,
-        head_dim=sequence.head_dim,
-        dtype=sequence.dtype,
-    )
-    encoder.load_entries(entries)
+    encoder = extension_encoder(sequence, entries)
     for layer in range(sequence.num_layers):
         keys, values = session.layers[layer]
         encoder.put_layer(layer, keys, values, session.seal)
+    return encoder
 
 
 async def _extend_in_place(
@@ -432,7 +451,10 @@ async def _extend_in_place(
         except TierUnavailableError as exc:
             raise UnavailableError(f"the device tier is full and {exc}") from None
         entries = [device.peek(key, touch=True) for key in keys]
-        await asyncio.to_thread(_apply, session, sequence, entries)
+        if session.end - session.start <= INLINE_EXTENSION_TOKENS:
+            sequence.encoder = _apply(session, sequence, entries)
+        else:
+            sequence.encoder = await asyncio.to_thread(_apply, session, sequence, entries)
         sizes = [stored_bytes(entry) for entry in entries]
         for key, entry, size in zip(keys, entries, sizes, strict=True):
             device.hold(key, entry, size)

@@ -15,6 +15,7 @@ carrier dtype of the entry's KV dtype (bfloat16 as uint16); restores are
 from __future__ import annotations
 
 import dataclasses
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -82,6 +83,11 @@ def has_spare_room(array: Any) -> bool:
     )
 
 
+@functools.cache
+def _field_names(codec_class: type) -> tuple[str, ...]:
+    return tuple(field.name for field in dataclasses.fields(codec_class))
+
+
 class Codec(ABC):
     """One side (keys or values) of one layer group, as stored.
 
@@ -135,11 +141,17 @@ class Codec(ABC):
     def check(self) -> None:
         """Raise CorruptEntryError when the stored form is inconsistent."""
 
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """The stored fields, in order (cached: `dataclasses.fields` is slow on the
+        paths every append and every size count take)."""
+        return _field_names(cls)
+
     def arrays(self) -> list[Any]:
         """Every array the codec holds (for byte counts and device moves)."""
         found = []
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
+        for name in self.field_names():
+            value = getattr(self, name)
             if isinstance(value, Codec):
                 found.extend(value.arrays())
             elif is_array(value):
@@ -148,9 +160,9 @@ class Codec(ABC):
 
     def map_arrays(self, convert) -> None:
         """Replace every array with `convert(array)`, in place (nested codecs too)."""
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
+        for name in self.field_names():
+            value = getattr(self, name)
             if isinstance(value, Codec):
                 value.map_arrays(convert)
             elif is_array(value):
-                setattr(self, field.name, convert(value))
+                setattr(self, name, convert(value))
