@@ -19,8 +19,6 @@ the shortest (the target is <= 1.2) and Lookup/Append p50 against 2 ms.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,7 +26,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from arguments import positive_float, positive_int  # beside this script
+from arguments import positive_float, positive_int, write_report  # beside this script
 from service_throughput import _stop, start_cache_server, synthetic_kv
 
 from minicache_client import CacheClient, ClientConfig
@@ -169,22 +167,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{summary[policy]['append_p50_max_ms']:.2f} ms, lookup p50 "
             f"{summary[policy]['lookup_p50_max_ms']:.2f} ms (target <= {TARGET_MS} ms)"
         )
-    if args.json:
-        report = {
-            "benchmark": "append_latency",
-            "machine": {"platform": platform.platform(), "python": platform.python_version()},
-            "config": {
-                key: value
-                for key, value in vars(args).items()
-                if key not in ("json", "server_binary")
-            },
-            "baseline": {"health_check": baseline},
-            "policies": results,
-            "summary": summary,
-            "wall_seconds": time.perf_counter() - started,
-        }
-        Path(args.json).write_text(json.dumps(report, indent=1))
-        print(f"wrote {args.json}")
+    del args.server_binary  # a path on this machine, not a setting of the run
+    write_report(
+        args,
+        "append_latency",
+        started,
+        baseline={"health_check": baseline},
+        policies=results,
+        summary=summary,
+    )
     return 0
 
 

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -33,7 +31,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from arguments import positive_int  # beside this script
+from arguments import positive_int, write_report  # beside this script
 from service_throughput import synthetic_kv
 
 from minicache_client.entry import encode_entry
@@ -153,17 +151,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"{row['median_gbps'] / copy:>8.2f}"
             )
         print(f"{'':<8}{result['entries']} entries, {result['stored_bytes']:,} stored bytes")
-    if args.json:
-        report = {
-            "benchmark": "disk_tier",
-            "machine": {"platform": platform.platform(), "python": platform.python_version()},
-            "config": {key: value for key, value in vars(args).items() if key != "json"},
-            "baseline": "plain write/read of the same encodings and a copy of one file of them",
-            "policies": results,
-            "wall_seconds": time.perf_counter() - started,
-        }
-        Path(args.json).write_text(json.dumps(report, indent=1))
-        print(f"wrote {args.json}")
+    write_report(
+        args,
+        "disk_tier",
+        started,
+        baseline="plain write/read of the same encodings and a copy of one file of them",
+        policies=results,
+    )
     return 0
 
 
