@@ -1,18 +1,22 @@
 """Writes: a put or append in progress (`PutSession`) and its commit.
 
-A write from token 0 (new, or replacing) encodes layers as they complete and places
-each layer group's entry in the tier chain as soon as the group is whole, under a
-generation of its own that nothing reads until the commit switches the sequence to it
-(`SequenceStore.pending` marks it in use, so no one else demotes or drops its entries).
-What a put holds in memory while it streams is its raw layers (being assembled, or
-waiting for a merge partner): its staging, bounded by the device budget for each put
-and for all puts in progress together. A write that fails or is cancelled leaves the
+A write from token 0 (new, or replacing) encodes layers as they complete (on a
+thread while the next chunks are read, at most `MAX_QUEUED_LAYERS` waiting; on the event
+loop when the policy stores tokens raw, which keeps the assembled arrays without a
+copy) and places each layer group's entry in the tier chain as soon as the group is
+whole, under a generation of its own that nothing reads until the commit switches the
+sequence to it (`SequenceStore.pending` marks it in use, so no one else demotes or drops
+its entries). What a put holds in memory while it streams is its raw layers (being
+assembled, waiting for the encoder or for a merge partner): its staging, bounded by the
+device budget for each put and for all puts in progress together; a put waits for its
+encoder rather than be refused for what the encoder still holds. A write that fails or is cancelled leaves the
 sequence as it was; the entries it placed are deleted.
 
 An extension (from the tokens held) keeps its raw tokens until the commit, then
 appends them to every group:
 
-- every group on the device and room for the new tokens there: in place;
+- every group on the device and room for the new tokens there: in place (a decode
+  step's few tokens on the event loop, with the encoder the previous step left);
 - else (groups below the device, or a sequence larger than the device budget): each
   group's entry is copied (read from its tier without promotion), extended, and placed
   through the chain under a new generation like a new write; the commit switches to it
