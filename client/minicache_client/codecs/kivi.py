@@ -15,6 +15,10 @@ restore of any token range is a fixed number of array operations. A code c resto
 center + (c - (2**bits - 1) / 2) * scale; scale and center are float16 (float32 only
 where float16 would overflow) and codes are computed against those stored values, so
 the decoder reproduces exactly what the encoder intended.
+
+The code here is array code (NumPy or CuPy). On NumPy, streams the compiled kernels
+cover (`kivi_kernels.usable`: 2-, 4- and 8-bit codes, rows without padding) encode and
+restore through them instead, with the same results bit for bit.
 """
 
 from __future__ import annotations
