@@ -159,8 +159,11 @@ class PutSession:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self.encoding is not None and not self.encoding.done():
-            self.encoding.cancel()  # a failed or cancelled put: nothing more is placed
+        if self.encoding is not None:
+            if not self.encoding.done():
+                self.encoding.cancel()  # a failed or cancelled put: nothing more is placed
+            elif not self.encoding.cancelled():
+                self.encoding.exception()  # seen here: asyncio would log it as unretrieved
         self._restage(0)
         if self.generation is not None:
             placed = [self.key(group) for group in self.placed]
