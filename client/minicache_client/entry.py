@@ -32,6 +32,7 @@ import xxhash
 
 from minicache_client.array_namespace import KV_DTYPES, is_array, to_numpy
 from minicache_client.codecs import CODECS, Codec, CorruptEntryError
+from minicache_client.codecs.base import is_codec
 
 FORMAT_MAGIC = b"MCKV"
 FORMAT_VERSION = 3
@@ -104,11 +105,11 @@ def _codec_to_plain(codec: Codec, arrays: list[Any]) -> dict[str, Any]:
     plain: dict[str, Any] = {"codec": codec.name}
     for name in codec.field_names():
         value = getattr(codec, name)
-        if isinstance(value, Codec):
-            value = _codec_to_plain(value, arrays)
-        elif is_array(value):
+        if is_array(value):
             arrays.append(value)
             value = {"__array__": len(arrays) - 1}
+        elif is_codec(value):
+            value = _codec_to_plain(value, arrays)
         elif isinstance(value, np.generic):
             value = value.item()
         plain[name] = value

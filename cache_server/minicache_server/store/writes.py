@@ -464,7 +464,7 @@ async def _extend_in_place(
             sequence.encoder = await asyncio.to_thread(_apply, session, sequence, entries)
         sizes = [stored_bytes(entry) for entry in entries]
         for key, entry, size in zip(keys, entries, sizes, strict=True):
-            device.hold(key, entry, size)
+            device.resize(key, size)
     sequence.entry_bytes = sizes
     sequence.fp16_bytes = sum(fp16_bytes(entry) for entry in entries)
     return True

@@ -76,6 +76,14 @@ class DeviceTier(IndexedTier):
         self._entries[key] = compact(entry, self.xp)
         self._indexed(key, size)
 
+    def resize(self, key: EntryKey, size: int) -> None:
+        """Count a held entry, extended in place, as `size` bytes now. No compaction:
+        an append leaves arrays that own their memory, or the views with spare room
+        that `compact` keeps anyway."""
+        if key not in self._entries:
+            raise KeyError(key)
+        self._indexed(key, size)
+
     async def get(self, key: EntryKey) -> LayerGroupEntry | None:
         return self.peek(key, touch=True)
 

@@ -83,6 +83,15 @@ def has_spare_room(array: Any) -> bool:
     )
 
 
+# Field values that are never codecs: told apart by their exact type, which is much
+# cheaper than `isinstance` against an abstract base class on every field walk.
+_PLAIN_TYPES = frozenset({int, float, str, bool, bytes, tuple, list, type(None)})
+
+
+def is_codec(value: Any) -> bool:
+    return type(value) not in _PLAIN_TYPES and isinstance(value, Codec)
+
+
 @functools.cache
 def _field_names(codec_class: type) -> tuple[str, ...]:
     return tuple(field.name for field in dataclasses.fields(codec_class))
@@ -152,17 +161,17 @@ class Codec(ABC):
         found = []
         for name in self.field_names():
             value = getattr(self, name)
-            if isinstance(value, Codec):
-                found.extend(value.arrays())
-            elif is_array(value):
+            if is_array(value):
                 found.append(value)
+            elif is_codec(value):
+                found.extend(value.arrays())
         return found
 
     def map_arrays(self, convert) -> None:
         """Replace every array with `convert(array)`, in place (nested codecs too)."""
         for name in self.field_names():
             value = getattr(self, name)
-            if isinstance(value, Codec):
-                value.map_arrays(convert)
-            elif is_array(value):
+            if is_array(value):
                 setattr(self, name, convert(value))
+            elif is_codec(value):
+                value.map_arrays(convert)
