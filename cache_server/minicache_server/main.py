@@ -2,7 +2,9 @@
 (`--print-config`: print the effective settings, secrets masked, and exit).
 
 On the signal, health turns NOT_SERVING at once (load balancers stop routing), then
-in-flight calls get MINICACHE_GRACE_S seconds to finish before the process exits.
+in-flight calls get MINICACHE_GRACE_S seconds to finish; then what lives only on the
+device tier is written down to the persistent tier below it (disk or Redis), within
+another MINICACHE_GRACE_S, so that the next start recovers it; then the process exits.
 """
 
 from __future__ import annotations

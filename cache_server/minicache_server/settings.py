@@ -181,8 +181,9 @@ class ServerSettings:
     # Process.
     grace_s: float = setting(
         10.0,
-        "on SIGTERM or SIGINT, how long calls in flight may take to finish before the "
-        "process exits (health turns NOT_SERVING at once)",
+        "on SIGTERM or SIGINT, how long calls in flight may take to finish, then how long "
+        "writing the device tier down to the tier below it may take, before the process "
+        "exits (health turns NOT_SERVING at once)",
     )
     log_level: str = setting(
         "INFO", "least severe log level written: DEBUG, INFO, WARNING or ERROR", metavar="LEVEL"

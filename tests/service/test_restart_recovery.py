@@ -3,7 +3,10 @@ server stopped and a new one started with the same disk directory and Redis serv
 what those tiers hold, bit-exact, with the same Lookup answers; a sequence whose pieces
 are incomplete (an entry only on the device, or deleted while the server was down) is
 dropped, its remaining pieces deleted, never served; tenants stay apart; new writes
-after the restart never collide with recovered ones."""
+after the restart never collide with recovered ones. A graceful stop writes what lives
+only on the device down to the tier below it (disk, Redis), so it is recovered too;
+a stop with no grace (`ServerThread.stop()`'s default: as a crash) writes nothing
+down, a full last tier or Redis down leaves sequences out, logged, and the stop goes on."""
 
 from __future__ import annotations
 
@@ -108,7 +111,7 @@ def test_a_restarted_server_serves_what_its_tiers_hold(restartable, redis_proces
             (on_device if on else below).add((tenant, name))
     assert {("tenant-a", "s0"), ("tenant-a", "s1"), ("tenant-a", "k")} <= below
     assert ("tenant-b", "s0") in below and ("tenant-a", "s5") in on_device
-    first.stop()
+    first.stop()  # grace 0: as a crash, nothing is written down
     kept = {name for tenant, name in below if tenant == "tenant-a" and name in sent}
 
     second = start()
@@ -212,3 +215,174 @@ def test_an_incomplete_sequence_is_dropped_at_recovery(restartable, redis_proces
     assert not any(redis.exists(redis_tier.key(key)) for key in redis_keys)
     manifests = [key for key in redis.keys("*") if key.endswith(b":manifest")]
     assert not any(f":{name}:".encode() in key for key in manifests for name in (damaged_redis,))
+
+
+# -- the write-down at a graceful stop ------------------------------------------------
+
+WRITE_DOWN_LOG = "minicache_server.service.server"
+
+
+def device_resident(server: ServerThread) -> set[str]:
+    """Sequence ids of tenant a whose entries are all on the device."""
+    store = server.store
+    return {
+        name
+        for (tenant, _, name), sequence in store.sequences.items()
+        if tenant == "tenant-a" and all(store.device.contains(key) for key in sequence.entry_keys())
+    }
+
+
+def write_down_records(caplog, level: str) -> list:
+    return [
+        record
+        for record in caplog.records
+        if record.name == WRITE_DOWN_LOG
+        and record.levelname == level
+        and record.getMessage().startswith("device")
+    ]
+
+
+def tiered_settings(tmp_path: Path, tiers: str, redis_url: str = "", **overrides):
+    tokens = tmp_path / "tokens"
+    tokens.write_text(TOKENS_FILE_LINES)
+    fields = {
+        "tiers": tiers,
+        "device_budget_bytes": 8 * SEQUENCE,
+        "tokens_file": str(tokens),
+    }
+    if "disk" in tiers:
+        fields |= {"disk_dir": str(tmp_path / "disk"), "disk_budget_bytes": 8 * SEQUENCE}
+    if "redis" in tiers:
+        fields["redis_url"] = redis_url
+    return settings_for(**(fields | overrides))
+
+
+@pytest.mark.parametrize("tiers", ["device,disk", "device,redis"])
+def test_a_graceful_stop_writes_the_device_down(
+    tiers, redis_process, tmp_path: Path, caplog
+) -> None:
+    caplog.set_level("INFO", logger=WRITE_DOWN_LOG)
+    settings = tiered_settings(tmp_path, tiers, redis_process.url)
+    first = ServerThread(settings)
+    sent, lookups = {}, {}
+    try:
+        with client_of(first, A) as a, client_of(first, B) as b:
+            for index in range(3):
+                sent[f"s{index}"] = kv_layers(LAYERS, TOKENS, HEADS, DIM, seed=index)
+                a.put("m", f"s{index}", sent[f"s{index}"], dtype="float16", policy="none")
+            # A compressed one extended in place (a decode step), another tenant's.
+            k = kv_layers(LAYERS, TOKENS, HEADS, DIM, seed=7)
+            a.put("m", "k", k, dtype="float16", policy="kivi4")
+            step = kv_layers(LAYERS, 1, HEADS, DIM, seed=8)
+            a.append("m", "k", step, dtype="float16", start_token=TOKENS)
+            b.put("m", "s0", kv_layers(LAYERS, TOKENS, HEADS, DIM, seed=9), dtype="float16")
+            compressed = {"k": restored(a, "k"), "b": restored(b, "s0")}
+            for name in [*sent, "k"]:
+                lookups[name] = a.lookup("m", name)
+            lookups["b"] = b.lookup("m", "s0")
+        assert device_resident(first) == {"s0", "s1", "s2", "k"}  # nothing below yet
+        held = sum(sequence.stored_bytes for sequence in first.store.sequences.values())
+    finally:
+        first.stop(grace_s=10)
+    [info] = write_down_records(caplog, "INFO")
+    assert (info.sequences, info.bytes, info.tier) == (5, held, tiers.split(",")[1])
+    assert not write_down_records(caplog, "WARNING")
+
+    second = ServerThread(settings)
+    try:
+        with client_of(second, A) as a, client_of(second, B) as b:
+            assert len(second.store.sequences) == 5
+            for name, before in [*((name, lookups[name]) for name in [*sent, "k"])]:
+                after = a.lookup("m", name)
+                assert (after.tokens, after.stored_bytes, after.tag, after.policy) == (
+                    before.tokens,
+                    before.stored_bytes,
+                    before.tag,
+                    before.policy,
+                )
+                assert after.device_bytes == 0  # recovered below the device
+            for name in sent:
+                assert_exact(restored(a, name), sent[name])
+            assert_exact(restored(a, "k"), compressed["k"])
+            assert_exact(restored(b, "s0"), compressed["b"])
+            assert b.lookup("m", "s0").stored_bytes == lookups["b"].stored_bytes
+    finally:
+        second.stop()
+
+
+def test_a_sequence_nothing_wrote_down_is_dropped(redis_process, tmp_path: Path, caplog) -> None:
+    """A stop without time to write down (grace 0: as after a crash), a device-only
+    chain, and a full last tier: what stayed only on the device is gone at the restart."""
+    caplog.set_level("INFO", logger=WRITE_DOWN_LOG)
+    layers = kv_layers(LAYERS, TOKENS, HEADS, DIM, seed=1)
+    # No grace: nothing written down, the sequence is not recovered.
+    settings = tiered_settings(tmp_path, "device,disk")
+    first = ServerThread(settings)
+    with client_of(first, A) as a:
+        a.put("m", "s", layers, dtype="float16", policy="none")
+    first.stop(grace_s=0)
+    [warning] = write_down_records(caplog, "WARNING")
+    assert warning.sequences == 1 and "out of time" in warning.reasons
+    second = ServerThread(settings)
+    try:
+        with client_of(second, A) as a, pytest.raises(NotFoundError):
+            a.lookup("m", "s")
+    finally:
+        second.stop(grace_s=0)
+
+    # A device-only chain: nothing below the device, nothing written, nothing logged.
+    caplog.clear()
+    only = settings_for(tiers="device", device_budget_bytes=4 * SEQUENCE)
+    first = ServerThread(only)
+    with client_of(first, "") as a:
+        a.put("m", "s", layers, dtype="float16", policy="none")
+    first.stop(grace_s=10)
+    assert not write_down_records(caplog, "INFO") and not write_down_records(caplog, "WARNING")
+    second = ServerThread(only)
+    try:
+        with client_of(second, "") as a, pytest.raises(NotFoundError):
+            a.lookup("m", "s")
+    finally:
+        second.stop()
+
+    # A disk tier (the last one) with room for one of two sequences: the most recently
+    # used is written down, the other refused whole (no pieces left), one WARNING line.
+    caplog.clear()
+    (tmp_path / "full").mkdir()
+    full = tiered_settings(tmp_path / "full", "device,disk", disk_budget_bytes=SEQUENCE * 3 // 2)
+    first = ServerThread(full)
+    with client_of(first, A) as a:
+        old = kv_layers(LAYERS, TOKENS, HEADS, DIM, seed=2)
+        a.put("m", "old", old, dtype="float16", policy="none")
+        a.put("m", "new", layers, dtype="float16", policy="none")
+    first.stop(grace_s=10)
+    [info] = write_down_records(caplog, "INFO")
+    [warning] = write_down_records(caplog, "WARNING")
+    assert info.sequences == 1 and warning.sequences == 1
+    assert "no room" in warning.reasons and "disk" in warning.reasons
+    second = ServerThread(full)
+    try:
+        # Only the written-down sequence's files are on disk (before a read promotes).
+        held = second.store.sequences[("tenant-a", "m", "new")].entry_keys()
+        files = {path.name for path in (tmp_path / "full" / "disk" / "entries").iterdir()}
+        assert files == {file_name(entry_name(key)) for key in held}
+        with client_of(second, A) as a:
+            assert_exact(restored(a, "new"), layers)
+            with pytest.raises(NotFoundError):
+                a.lookup("m", "old")
+    finally:
+        second.stop()
+
+
+def test_a_graceful_stop_with_redis_down_stops_and_warns(
+    redis_process, tmp_path: Path, caplog
+) -> None:
+    caplog.set_level("INFO", logger=WRITE_DOWN_LOG)
+    first = ServerThread(tiered_settings(tmp_path, "device,redis", redis_process.url))
+    with client_of(first, A) as a:
+        a.put("m", "s", kv_layers(LAYERS, TOKENS, HEADS, DIM, seed=1), dtype="float16")
+    redis_process.stop()
+    first.stop(grace_s=10)  # returns: the stop never fails on a tier
+    [warning] = write_down_records(caplog, "WARNING")
+    assert warning.sequences == 1 and "tier unavailable" in warning.reasons
+    assert len(warning.reasons.encode()) <= 400

@@ -3,7 +3,11 @@
 `start_server(settings)` binds the gRPC port (port 0 picks a free one: tests use it),
 adds the library's health service and reflection, the auth interceptor, TLS when
 configured, and the metrics HTTP endpoint. `CacheServer.stop()` drains gracefully:
-health turns NOT_SERVING first, in-flight calls get `grace_s` to finish.
+health turns NOT_SERVING first, in-flight calls get `grace_s` to finish; then what
+lives only on the device tier is written down to the persistent tier below it (disk or
+Redis), within another `grace_s`, so that the next start recovers it
+(`store/write_down.py`); then the tiers close. A crash (`kill -9`) writes nothing
+down: the device's content is lost with the process.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from minicache_client.errors import clipped
 from minicache_client.policy import load_policy
 from minicache_client.proto import cache_service_pb2 as pb
 from minicache_client.serving.auth import AuthInterceptor, TokenAuth
@@ -75,14 +80,48 @@ class CacheServer:
         return self.metrics_http.server_port if self.metrics_http else None
 
     async def stop(self, grace_s: float | None = None) -> None:
+        """Drain, write the device down, close (see the module docstring). `grace_s`
+        (default `settings.grace_s`) bounds the drain and, after it, the write-down."""
+        grace = self.settings.grace_s if grace_s is None else grace_s
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.settings.grace_s if grace_s is None else grace_s)
+        await self.server.stop(grace)
+        await self.write_down(grace)
         if self.health_server is not None:  # probes see NOT_SERVING until the drain ends
             await self.health_server.stop(0)
         if self.metrics_http is not None:
             self.metrics_http.shutdown()
             self.metrics_http.server_close()
         await self.store.close()
+
+    async def write_down(self, time_limit_s: float) -> None:
+        """What lives only on the device, to the persistent tier below it
+        (`store/write_down.py`); logged, never raising."""
+        if not self.store.chain.lower:
+            return  # no persistent tier: the device's content ends with the process
+        try:
+            report = await self.store.write_down(time_limit_s)
+        except Exception as exc:  # the stop goes on whatever happened
+            log.warning("device tier not written down", extra={"error": clipped(str(exc), 300)})
+            return
+        log.info(
+            "device tier written down",
+            extra={
+                "tier": report.target,
+                "sequences": report.sequences,
+                "entries": report.entries,
+                "bytes": report.bytes,
+                "seconds": report.seconds,
+            },
+        )
+        if report.lost_sequences:
+            log.warning(
+                "device entries not written down: these sequences are lost at the restart",
+                extra={
+                    "sequences": report.lost_sequences,
+                    "bytes": report.lost_bytes,
+                    "reasons": report.reasons_line(),
+                },
+            )
 
 
 async def build_tiers(settings: ServerSettings) -> list[StorageTier]:

@@ -16,7 +16,9 @@ Primitives (called by the gRPC servicer, one per RPC, with the protobuf-free typ
   `RestoredLayer`s or `StoredEntry`s.
 - `lookup -> LookupResult`, `delete -> bool`, `stats -> StatsResult`; a commit's
   `put_result -> PutResult` (`minicache_client.results`, what the client gets too).
-- `recover()`: at start, serve again what the persistent tiers still hold.
+- `recover()`: at start, serve again what the persistent tiers still hold;
+  `write_down(time_limit_s)`: at a graceful stop, move what lives only on the device to
+  the persistent tier below it, so that the next start finds it.
 
 Entries live in the tier chain (`minicache_server.tiers`: device -> disk -> Redis or a
 prefix of it): a full tier demotes its least recently used entries of idle sequences
@@ -38,6 +40,7 @@ Modules, in the order a request meets them:
 | `sequences.py` | `StoredSequence`, `Limits` |
 | `manifest.py` | a sequence's manifest, kept beside its entries in persistent tiers |
 | `recovery.py` | finding sequences again after a restart |
+| `write_down.py` | a graceful stop moving device-only entries to a persistent tier |
 """
 
 from minicache_server.store.sequence_store import SequenceStore

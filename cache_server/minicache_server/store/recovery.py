@@ -5,7 +5,15 @@ For each sequence the newest manifest (highest generation, then tokens) of any t
 taken; the sequence is served again only when every one of its entries is in some
 persistent tier with the size the manifest records. A sequence whose pieces are
 incomplete (an entry that lived only on the device, or was lost) is dropped: its
-entries and manifests are deleted, never served. Entry files on disk that no recovered
+entries and manifests are deleted, never served.
+
+What the device tier held survives only a graceful stop: `CacheServer.stop` (SIGTERM,
+SIGINT) writes every committed sequence's device-only entries down to the persistent
+tier below the device, with their manifests, within the grace period
+(`write_down.py`), so the next start finds those sequences whole. A crash (`kill -9`,
+an OOM kill, a power loss) writes nothing down: the device's content is lost by nature,
+and a sequence that had any entry only there is dropped here, as is one the write-down
+could not finish (a full last tier, Redis down, the grace period spent). Entry files on disk that no recovered
 sequence claims are deleted too. Nothing is decoded here: every entry is verified when
 it is read, like any read.
 """

@@ -4,7 +4,7 @@ It holds the committed sequences (`sequences`, by tenant and ids) and the tier c
 their entries live in, answers the servicer's calls (see the package docstring) and
 tells the chain which entries are in use (`is_busy`, `is_live`, `persisting`). The
 work is in the modules beside it: `writes`, `reads`, `accounting`, `recovery`,
-`manifest`.
+`write_down`, `manifest`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from minicache_server.domain import (
     StoredEntry,
 )
 from minicache_server.metrics import CacheMetrics
-from minicache_server.store import accounting, reads, recovery
+from minicache_server.store import accounting, reads, recovery, write_down
 from minicache_server.store.manifest import encode_manifest
 from minicache_server.store.sequences import Limits, StoredSequence, sequence_label
 from minicache_server.store.writes import PutSession, room_error
@@ -150,6 +150,11 @@ class SequenceStore:
     async def recover(self) -> recovery.RecoveryReport:
         """At start: serve again what the persistent tiers hold (`store/recovery.py`)."""
         return await recovery.recover(self)
+
+    async def write_down(self, time_limit_s: float) -> write_down.WriteDownReport:
+        """At a graceful stop: move what lives only on the device to the persistent
+        tier below it, within `time_limit_s` (`store/write_down.py`)."""
+        return await write_down.write_down(self, time_limit_s)
 
     async def close(self) -> None:
         if self._cleanups:

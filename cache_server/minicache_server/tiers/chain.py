@@ -9,6 +9,9 @@ of it), and every move of an entry between them.
   an entry found below the device is promoted back to it when room can be made without
   touching entries in use (else it is served from where it is).
 - `delete(keys)`: from every tier that holds them.
+- `demote(key)`: one entry one tier down, as a full tier does; the store's write-down
+  at a graceful stop (`store/write_down.py`) moves what lives only on the device this
+  way to the first persistent tier.
 
 Entries in use are never demoted by someone else: `Residents` (the store) says which
 keys are in use (`is_busy`: a sequence being read or extended, a put in progress other
@@ -149,6 +152,15 @@ class TierChain:
                 f"for {size} bytes now: the rest is in use by requests in progress",
                 retryable=True,
             )
+
+    async def demote(self, key: EntryKey) -> None:
+        """Move `key` from the tier that holds it to the next one, making room there as
+        placement does (`NoRoomError`, `TierUnavailableError` when it cannot). Caller
+        holds `lock`; a key in no tier or in the last one is left as it is."""
+        tier = self.locate(key)
+        if tier is None or tier is self.tiers[-1]:
+            return
+        await self._demote(key, self.tiers.index(tier), None)
 
     async def _demote(self, key: EntryKey, index: int, own: int | None) -> None:
         """Move one entry from tier `index` to the next one."""
