@@ -463,7 +463,7 @@ async def _extend_in_place(
         else:
             sequence.encoder = await asyncio.to_thread(_apply, session, sequence, entries)
         sizes = [stored_bytes(entry) for entry in entries]
-        for key, entry, size in zip(keys, entries, sizes, strict=True):
+        for key, size in zip(keys, sizes, strict=True):
             device.resize(key, size)
     sequence.entry_bytes = sizes
     sequence.fp16_bytes = sum(fp16_bytes(entry) for entry in entries)
