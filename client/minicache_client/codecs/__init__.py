@@ -7,6 +7,10 @@
 | `slerp` | slerp_merge.py | a pair of layers: MiniCache SLERP direction, magnitudes, retained tokens |
 | `average` | average_merge.py | a pair of layers: their mean (the paper's baseline) |
 
+Beside them: `base.py` (the `Codec` interface, and `extend_tokens`, the growing token
+buffers appends write into) and `kivi_kernels.py` (KIVI's compiled CPU kernels, used
+by `kivi.py` on NumPy).
+
 A policy (`minicache_client.policy`) names the codecs: a merge's `method` is a pair
 codec's name, and its quantization chooses `kivi` (or `raw`) for each stream.
 `codecs_for_group` turns one layer group of a policy into the codecs of its keys and
