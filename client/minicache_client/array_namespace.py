@@ -61,6 +61,11 @@ def is_array(value: Any) -> bool:
     return isinstance(value, _array_types())
 
 
+def is_writeable(array: Any) -> bool:
+    """Whether `array` may be written (CuPy arrays have no such flag: always)."""
+    return getattr(array.flags, "writeable", True)
+
+
 def check_kv_dtype(dtype: str) -> str:
     if dtype not in KV_DTYPES:
         raise ValueError(f"unsupported KV dtype {dtype!r}; expected one of {', '.join(KV_DTYPES)}")

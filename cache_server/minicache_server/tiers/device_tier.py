@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from minicache_client.array_namespace import is_writeable
 from minicache_client.codecs.base import has_spare_room
 from minicache_client.entry import LayerGroupEntry
 from minicache_server.tiers.base import EntryKey, IndexedTier
@@ -40,7 +41,7 @@ def compact(entry: LayerGroupEntry, xp: ModuleType = np) -> LayerGroupEntry:
     def own(array: Any) -> Any:
         if xp is not np and not isinstance(array, xp.ndarray):
             return xp.asarray(array)
-        if (array.base is not None or not array.flags.writeable) and not has_spare_room(array):
+        if (array.base is not None or not is_writeable(array)) and not has_spare_room(array):
             return array.copy()
         return array
 

@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from minicache_client.array_namespace import array_namespace, is_array
+from minicache_client.array_namespace import array_namespace, is_array, is_writeable
 
 
 class CorruptEntryError(ValueError):
@@ -73,7 +73,7 @@ def has_spare_room(array: Any) -> bool:
     base = getattr(array, "base", None)
     return (
         is_array(base)
-        and array.flags.writeable
+        and is_writeable(array)
         and base.ndim == array.ndim >= 2
         and base.shape[0] == array.shape[0]
         and base.shape[2:] == array.shape[2:]
