@@ -68,7 +68,10 @@ class LayerGroupEncoder:
         dtype: str,
         kv_heads: int,
         head_dim: int,
+        entry: LayerGroupEntry | None = None,
     ) -> None:
+        """`entry`: a stored entry of this group to continue (appends extend it, as if
+        this encoder had built it); None starts an empty one."""
         if kv_heads < 1 or head_dim < 1:
             raise ValueError(f"kv_heads and head_dim must be >= 1, got {kv_heads}, {head_dim}")
         self.group = group
@@ -76,12 +79,18 @@ class LayerGroupEncoder:
         self.kv_heads = kv_heads
         self.head_dim = head_dim
         shape = {"dtype": self.dtype, "kv_heads": kv_heads, "head_dim": head_dim}
-        self.entry = LayerGroupEntry(
-            layers=group.layers,
-            keys=codecs_for_group(group, "keys", quantization, **shape),
-            values=codecs_for_group(group, "values", quantization, **shape),
-            **shape,
-        )
+        if entry is None:
+            entry = LayerGroupEntry(
+                layers=group.layers,
+                keys=codecs_for_group(group, "keys", quantization, **shape),
+                values=codecs_for_group(group, "values", quantization, **shape),
+                **shape,
+            )
+        elif entry.layers != group.layers:
+            raise ValueError("stored entries do not match this policy's layer groups")
+        elif (entry.dtype, entry.kv_heads, entry.head_dim) != (self.dtype, kv_heads, head_dim):
+            raise ValueError(f"entry of layers {entry.layers} has another shape or dtype")
+        self.entry = entry
 
     def _check_chunk(self, chunk: Sequence[Any], kind: str) -> int:
         if len(chunk) != len(self.group.layers):
@@ -146,14 +155,25 @@ class SequenceEncoder:
         kv_heads: int,
         head_dim: int,
         dtype: str,
+        entries: Sequence[LayerGroupEntry] | None = None,
     ) -> None:
+        """`entries`: the stored entries of a sequence to continue, one per layer group
+        in order (appends then extend them); None starts empty."""
         self.policy = policy
         self.num_layers = num_layers
+        groups = policy.resolve_layer_groups(num_layers)
+        if entries is not None and len(entries) != len(groups):
+            raise ValueError("stored entries do not match this policy's layer groups")
         self.encoders = [
             LayerGroupEncoder(
-                group, policy.quantization, dtype=dtype, kv_heads=kv_heads, head_dim=head_dim
+                group,
+                policy.quantization,
+                dtype=dtype,
+                kv_heads=kv_heads,
+                head_dim=head_dim,
+                entry=None if entries is None else entries[index],
             )
-            for group in policy.resolve_layer_groups(num_layers)
+            for index, group in enumerate(groups)
         ]
         self._encoder_of = {
             layer: encoder for encoder in self.encoders for layer in encoder.group.layers
@@ -194,20 +214,6 @@ class SequenceEncoder:
             self.pending.pop(other, None)
         if seal:
             encoder.seal()
-
-    def load_entries(self, entries: list[LayerGroupEntry]) -> None:
-        """Continue from stored entries (one per layer group, in order): appends then
-        extend them, as if this encoder had built them."""
-        if [entry.layers for entry in entries] != [e.group.layers for e in self.encoders]:
-            raise ValueError("stored entries do not match this policy's layer groups")
-        for encoder, entry in zip(self.encoders, entries, strict=True):
-            if (entry.dtype, entry.kv_heads, entry.head_dim) != (
-                encoder.dtype,
-                encoder.kv_heads,
-                encoder.head_dim,
-            ):
-                raise ValueError(f"entry of layers {entry.layers} has another shape or dtype")
-            encoder.entry = entry
 
     def seal(self) -> None:
         if self.pending:

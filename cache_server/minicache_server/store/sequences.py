@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any
 
 from minicache_client.errors import OutOfRangeError, clipped
 from minicache_client.policy import CompressionPolicy, LayerGroup
@@ -46,9 +45,6 @@ class StoredSequence:
     # Persistent tier name -> (generation, tokens) of the manifest written there.
     manifests: dict[str, tuple[int, int]] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    # The encoder of the last in-place extension, kept for the next one while its
-    # entries are still the live ones (`writes.extension_encoder`).
-    encoder: Any = field(default=None, repr=False, compare=False)
 
     @property
     def name(self) -> SequenceName:

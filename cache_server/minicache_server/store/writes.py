@@ -16,7 +16,7 @@ An extension (from the tokens held) keeps its raw tokens until the commit, then
 appends them to every group:
 
 - every group on the device and room for the new tokens there: in place (a decode
-  step's few tokens on the event loop, with the encoder the previous step left);
+  step's few tokens on the event loop);
 - else (groups below the device, or a sequence larger than the device budget): each
   group's entry is copied (read from its tier without promotion), extended, and placed
   through the chain under a new generation like a new write; the commit switches to it
@@ -406,38 +406,24 @@ async def commit_extension(store: SequenceStore, session: PutSession) -> StoredS
     return sequence
 
 
-def extension_encoder(sequence: StoredSequence, entries: list[LayerGroupEntry]) -> SequenceEncoder:
-    """An encoder continuing `entries`: the sequence's last one while it still holds
-    these very entries (consecutive decode steps), else a new one."""
-    encoder = sequence.encoder
-    if encoder is None or any(
-        mine is not live for mine, live in zip(encoder.entries, entries, strict=True)
-    ):
-        encoder = SequenceEncoder(
-            sequence.policy,
-            num_layers=sequence.num_layers,
-            kv_heads=sequence.kv_heads,
-            head_dim=sequence.head_dim,
-            dtype=sequence.dtype,
-        )
-        encoder.load_entries(entries)
-    return encoder
-
-
 # An extension of at most this many tokens (a decode step or a few) is applied on the
 # event loop: less work than a trip to a thread costs.
 INLINE_EXTENSION_TOKENS = 16
 
 
-def _apply(
-    session: PutSession, sequence: StoredSequence, entries: list[LayerGroupEntry]
-) -> SequenceEncoder:
+def _apply(session: PutSession, sequence: StoredSequence, entries: list[LayerGroupEntry]) -> None:
     """Append the session's raw tokens to `entries` (one per group, in group order)."""
-    encoder = extension_encoder(sequence, entries)
+    encoder = SequenceEncoder(
+        sequence.policy,
+        num_layers=sequence.num_layers,
+        kv_heads=sequence.kv_heads,
+        head_dim=sequence.head_dim,
+        dtype=sequence.dtype,
+        entries=entries,
+    )
     for layer in range(sequence.num_layers):
         keys, values = session.layers[layer]
         encoder.put_layer(layer, keys, values, session.seal)
-    return encoder
 
 
 async def _extend_in_place(
@@ -459,9 +445,9 @@ async def _extend_in_place(
             raise UnavailableError(f"the device tier is full and {exc}") from None
         entries = [device.peek(key, touch=True) for key in keys]
         if session.end - session.start <= INLINE_EXTENSION_TOKENS:
-            sequence.encoder = _apply(session, sequence, entries)
+            _apply(session, sequence, entries)
         else:
-            sequence.encoder = await asyncio.to_thread(_apply, session, sequence, entries)
+            await asyncio.to_thread(_apply, session, sequence, entries)
         sizes = [stored_bytes(entry) for entry in entries]
         for key, size in zip(keys, sizes, strict=True):
             device.resize(key, size)
