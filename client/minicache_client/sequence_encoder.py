@@ -44,17 +44,18 @@ def check_finite(array: Any, dtype: str, what: str) -> None:
     # A large tensor on NumPy goes in chunks through one scratch array that stays in
     # cache: a masked copy of the whole of it would cost a pass over fresh memory (page
     # faults) before the max.
-    step = _FINITE_CHUNK if xp is np and bits.size > _FINITE_CHUNK else bits.size
-    scratch = None
-    for first in range(0, bits.size, step):
-        part = bits[first : first + step]
-        if step == bits.size:
-            masked = part & mask
-        else:
-            scratch = xp.empty(step, dtype=bits.dtype) if scratch is None else scratch
-            masked = xp.bitwise_and(part, mask, out=scratch[: part.size])
-        if int(masked.max()) == mask:
-            raise ValueError(f"{what} contains NaN or Inf values")
+    if xp is not np or bits.size <= _FINITE_CHUNK:
+        pieces = [bits & mask]
+    else:
+        scratch = np.empty(_FINITE_CHUNK, dtype=bits.dtype)
+        pieces = (
+            np.bitwise_and(part, mask, out=scratch[: part.size])
+            for part in (
+                bits[first : first + _FINITE_CHUNK] for first in range(0, bits.size, _FINITE_CHUNK)
+            )
+        )
+    if any(int(masked.max()) == mask for masked in pieces):
+        raise ValueError(f"{what} contains NaN or Inf values")
 
 
 class LayerGroupEncoder:
