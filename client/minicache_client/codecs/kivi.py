@@ -120,34 +120,35 @@ def quantize_blocks_compiled(
     heads, count, dim = tokens.shape
     kind, carrier = kivi_kernels.carrier_bits(tokens, dtype)
     codes = np.empty((heads, count, row_bytes(dim, bits)), np.uint8)
-    if mode == "per_channel":
-        block = min(block_tokens, count)
-        low = np.empty((heads, count // block, dim), np.float32)
-        high = np.empty_like(low)
-        extremes = kivi_kernels.extremes_kernel(kind, 1, block)
-        for head in range(heads):
-            extremes(carrier[head], low[head], high[head])
-        scale, center, center32, step = _statistics(low, high, bits)
+    per_channel = mode == "per_channel"
+    if per_channel:  # rows of tokens, statistics per block of rows and channel
+        columns, block = 1, min(block_tokens, count)
+        rows, stats_shape = count, (heads, count // block, dim)
         stat_rows = np.arange(count) // block
-        quantize = kivi_kernels.quantize_kernel(bits, 1, kind)
-        for head in range(heads):
-            quantize(carrier[head], stat_rows, center32[head], step[head], codes[head])
-        return codes, scale, center
-    # Per token: flat groups of `group_size` channels.
-    groups = count * (dim // group_size)
-    low = np.empty((heads, groups), np.float32)
+    else:  # flat groups of `group_size` channels, one statistic each
+        columns, block = group_size, 0
+        rows, stats_shape = count * (dim // group_size), (heads, count, dim // group_size)
+        stat_rows = None
+
+    def statistic(array: np.ndarray) -> np.ndarray:
+        return array if per_channel else array.reshape(-1)
+
+    low = np.empty(stats_shape, np.float32)
     high = np.empty_like(low)
-    extremes = kivi_kernels.extremes_kernel(kind, group_size, 0)
+    extremes = kivi_kernels.extremes_kernel(kind, columns, block)
     for head in range(heads):
-        extremes(carrier[head].reshape(groups, group_size), low[head], high[head])
+        extremes(carrier[head].reshape(rows, -1), statistic(low[head]), statistic(high[head]))
     scale, center, center32, step = _statistics(low, high, bits)
-    quantize = kivi_kernels.quantize_kernel(bits, group_size, kind)
-    group_codes = codes.reshape(heads, groups, -1)
+    quantize = kivi_kernels.quantize_kernel(bits, columns, kind)
     for head in range(heads):
-        tokens_of_groups = carrier[head].reshape(groups, group_size)
-        quantize(tokens_of_groups, None, center32[head], step[head], group_codes[head])
-    shape = (heads, count, dim // group_size)
-    return codes, scale.reshape(shape), center.reshape(shape)
+        quantize(
+            carrier[head].reshape(rows, -1),
+            stat_rows,
+            statistic(center32[head]),
+            statistic(step[head]),
+            codes[head].reshape(rows, -1),
+        )
+    return codes, scale, center
 
 
 @dataclass
