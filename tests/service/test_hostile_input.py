@@ -531,6 +531,8 @@ PROCESS_BUDGET = 4 << 20
 # What the server process may grow by around the oversized puts: its staging (at most
 # the budget) and the transport's buffers; far below what the puts send (96 + 200 MiB).
 MAX_GROWTH_BYTES = 40 << 20
+# The shape of the put streamed past the budget (its float32 layers are 2 MiB each).
+STREAMED_HEADS, STREAMED_DIM = 2, 64
 SERVER = str(Path(sys.executable).with_name("minicache-server"))
 
 
@@ -588,12 +590,20 @@ def test_oversized_puts_leave_the_server_process_memory_bounded(tmp_path: Path) 
         target = RawChannel(channel)
         # Warm up every path once (a put, a prefetch), then measure. The compiled KIVI
         # kernels are built on first use (Numba: tens of MiB of compiler memory), so a
-        # kivi4 put of the streamed put's dtype comes first too.
+        # kivi4 put of the streamed put's dtype and shape comes first too (a kernel is
+        # built per group width: the streamed put's heads of 64 need their own).
         good = kv_layers(LAYERS, 1024, HEADS, DIM, seed=12)
         put(target, "Put", GOOD_ID, good)
         assert_holds(target, GOOD_ID, good)
-        warm = kv_layers(LAYERS, 256, HEADS, DIM, dtype=np.float32, seed=13)
-        messages = put_messages("warm-kivi4", warm, dtype="float32", policy="kivi4")
+        warm = kv_layers(LAYERS, 256, STREAMED_HEADS, STREAMED_DIM, dtype=np.float32, seed=13)
+        messages = put_messages(
+            "warm-kivi4",
+            warm,
+            dtype="float32",
+            policy="kivi4",
+            kv_heads=STREAMED_HEADS,
+            head_dim=STREAMED_DIM,
+        )
         pb.PutResponse.FromString(target.call("Put", messages))
         baseline = resident_bytes(process.pid)
 
@@ -604,9 +614,9 @@ def test_oversized_puts_leave_the_server_process_memory_bounded(tmp_path: Path) 
         staged = _header(
             "streamed-96MiB",
             num_layers=48,
-            kv_heads=2,
+            kv_heads=STREAMED_HEADS,
             end_token=2048,
-            head_dim=64,
+            head_dim=STREAMED_DIM,
             dtype=pb.DTYPE_FLOAT32,
             policy="kivi4",
         )
