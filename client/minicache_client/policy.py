@@ -226,12 +226,60 @@ class Quantization:
         return bits.key_bits if kind == "keys" else bits.value_bits
 
 
+ARTIFACT_HASH_LENGTH = 64
+
+
+@dataclass(frozen=True)
+class TransformPlan:
+    """Cross-layer transform coding of `groups` (consecutive layers each) with the
+    calibration artifact whose SHA-256 is `artifact` (minicache_client.transform_artifact).
+
+    The first `sink_tokens` tokens and the `window` most recent ones stay exact; every
+    other token is projected on the group's calibrated basis, quantized and entropy
+    coded once it leaves the window. Layers in no group are stored as the rest of the
+    policy says (merge, quantization, or exact).
+    """
+
+    artifact: str
+    groups: tuple[tuple[int, ...], ...]
+    sink_tokens: int = 16
+    window: int = 32
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.artifact, str)
+            and len(self.artifact) == ARTIFACT_HASH_LENGTH
+            and all(c in "0123456789abcdef" for c in self.artifact),
+            f"transform artifact must be a SHA-256 hash in hex, got {str(self.artifact)[:80]!r}",
+        )
+        groups = tuple(tuple(group) for group in self.groups)
+        object.__setattr__(self, "groups", groups)
+        _require(bool(groups) and all(groups), "a transform plan needs non-empty layer groups")
+        layers = [layer for group in groups for layer in group]
+        for layer in layers:
+            _require_count("transform group layer", layer)
+        _require(len(layers) == len(set(layers)), f"transform groups overlap: {groups}")
+        for group in groups:
+            _require(
+                list(group) == list(range(group[0], group[0] + len(group))),
+                f"a transform group is consecutive layers, got {group}",
+            )
+        _require_count("transform sink_tokens", self.sink_tokens)
+        _require_count("transform window", self.window)
+
+    @property
+    def layers(self) -> set[int]:
+        return {layer for group in self.groups for layer in group}
+
+
 @dataclass(frozen=True)
 class LayerGroup:
-    """One stored unit: a single layer, or a pair merged for keys and/or values."""
+    """One stored unit: a single layer, a pair merged for keys and/or values, or the
+    consecutive layers of one transform group."""
 
     layers: tuple[int, ...]
     merge: PairMerge | None = None
+    transform: TransformPlan | None = None
 
 
 @dataclass(frozen=True)
@@ -257,6 +305,7 @@ class CompressionPolicy:
     quantization: Quantization | None = None
     description: str = ""
     calibrated_for: ModelShape | None = None
+    transform: TransformPlan | None = None
 
     def unfit_reason(self, shape: ModelShape) -> str | None:
         """Why this policy cannot serve a model of `shape`; None when it can."""
@@ -276,7 +325,7 @@ class CompressionPolicy:
     @property
     def stores_raw(self) -> bool:
         """Neither merge nor quantization: every token is stored as it arrived."""
-        return self.merge is None and self.quantization is None
+        return self.merge is None and self.quantization is None and self.transform is None
 
     @property
     def min_num_layers(self) -> int:
@@ -287,6 +336,8 @@ class CompressionPolicy:
         if self.quantization is not None:
             named += [o.layer for o in self.quantization.layer_bits]
             named += list(self.quantization.full_precision_layers)
+        if self.transform is not None:
+            named += list(self.transform.layers)
         return max(named) + 1
 
     def resolve_layer_groups(self, num_layers: int) -> tuple[LayerGroup, ...]:
@@ -301,11 +352,28 @@ class CompressionPolicy:
             )
         pairs = self.merge.resolve(num_layers) if self.merge else ()
         by_first = {pair.first_layer: pair for pair in pairs}
+        transformed = {}
+        if self.transform is not None:
+            _require(
+                max(self.transform.layers) < num_layers,
+                f"transform groups name layers up to {max(self.transform.layers)}; the "
+                f"model has {num_layers}",
+            )
+            merged = {layer for pair in pairs for layer in pair.layers}
+            _require(
+                not merged & self.transform.layers,
+                "a layer cannot be both merged and transform coded",
+            )
+            transformed = {group[0]: group for group in self.transform.groups}
         groups: list[LayerGroup] = []
         layer = 0
         while layer < num_layers:
             pair = by_first.get(layer)
-            if pair is not None:
+            if layer in transformed:
+                group = transformed[layer]
+                groups.append(LayerGroup(group, transform=self.transform))
+                layer += len(group)
+            elif pair is not None:
                 groups.append(LayerGroup(pair.layers, pair))
                 layer += 2
             else:
@@ -364,12 +432,18 @@ def _policy_from_dict(data: dict[str, Any]) -> CompressionPolicy:
         )
         quantization = Quantization(**quantization)
     shape = data.get("calibrated_for")
+    transform = data.get("transform")
+    if transform is not None:
+        transform = dict(transform)
+        transform["groups"] = tuple(tuple(group) for group in transform["groups"])
+        transform = TransformPlan(**transform)
     return CompressionPolicy(
         name=data.get("name", "custom"),
         merge=merge,
         quantization=quantization,
         description=data.get("description", ""),
         calibrated_for=None if shape is None else ModelShape(**shape),
+        transform=transform,
     )
 
 

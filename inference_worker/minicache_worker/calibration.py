@@ -135,6 +135,9 @@ class Measurement:
     cost: float  # perplexity / baseline perplexity - 1
     compression_ratio: float
     stored_bytes: int
+    # Mean KL divergence (nats per token) of the next-token distributions from the full
+    # cache's: steadier than perplexity between close settings (docs/design.md).
+    kl: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -142,6 +145,7 @@ class Measurement:
             "policy": self.policy.to_dict(),
             "perplexity": self.perplexity,
             "cost": self.cost,
+            "kl": self.kl,
             "compression_ratio": self.compression_ratio,
             "stored_bytes": self.stored_bytes,
         }
@@ -156,15 +160,20 @@ class CalibrationWindow:
 
 
 class CalibrationScorer:
-    """Perplexity of calibration continuations after a compressed prefix."""
+    """Perplexity, and KL divergence from the full cache, of calibration continuations
+    after a compressed prefix. `split`: the essays the windows come from."""
 
     def __init__(
-        self, lm: LoadedModel, settings: CalibrationSettings, bar: PhaseBar = no_bar
+        self,
+        lm: LoadedModel,
+        settings: CalibrationSettings,
+        bar: PhaseBar = no_bar,
+        split: str = "calibration",
     ) -> None:
         self.lm = lm
         self.settings = settings
         tokens = lm.tokenizer(
-            split_text("calibration"), return_tensors="pt", add_special_tokens=False
+            split_text(split), return_tensors="pt", add_special_tokens=False
         ).input_ids[0]
         span = settings.context_tokens + settings.scored_tokens
         if tokens.numel() < span * settings.windows:
@@ -178,6 +187,8 @@ class CalibrationScorer:
             self._window(tokens[start : start + span])
             for start in bar(starts, "prefix KV of calibration windows", len(starts), "window")
         ]
+        # The full cache's next-token log-probabilities, per window (float16).
+        self.reference: list[torch.Tensor] = []
         self.baseline = self._perplexity(PRESETS["none"])[0]
 
     @torch.inference_mode()
@@ -195,10 +206,12 @@ class CalibrationScorer:
         return CalibrationWindow(prefix_kv, ids[context:])
 
     @torch.inference_mode()
-    def _perplexity(self, policy: CompressionPolicy) -> tuple[float, float, int]:
-        """(perplexity, compression ratio, stored bytes) over all windows."""
-        nll, count, stored, fp16 = 0.0, 0, 0, 0
-        for window in self.windows:
+    def _perplexity(self, policy: CompressionPolicy) -> tuple[float, float, int, float]:
+        """(perplexity, compression ratio, stored bytes, mean KL from the full cache)
+        over all windows. The first call (the full cache) records the reference."""
+        nll, count, stored, fp16, kl = 0.0, 0, 0, 0, 0.0
+        recording = not self.reference
+        for index, window in enumerate(self.windows):
             store = SequenceEncoder(
                 policy,
                 num_layers=self.lm.num_layers,
@@ -213,18 +226,26 @@ class CalibrationScorer:
             cache = CompressedCache(store, self.lm.num_layers, seal_chunks=False)
             ids = window.continuation
             step = self.settings.decode_chunk_tokens
+            log_probs = []
             for start in range(0, ids.numel() - 1, step):
                 chunk = ids[start : min(start + step, ids.numel() - 1)]
                 logits = self.lm.model(chunk[None], past_key_values=cache, use_cache=True).logits
                 targets = ids[start + 1 : start + 1 + chunk.numel()]
                 nll += float(torch.nn.functional.cross_entropy(logits[0], targets, reduction="sum"))
+                log_probs.append(torch.log_softmax(logits[0].float(), dim=-1))
+            mine = torch.cat(log_probs)
+            if recording:
+                self.reference.append(mine.to(torch.float16))
+            else:
+                full = self.reference[index].float()
+                kl += float((full.exp() * (full - mine)).sum())
             count += ids.numel() - 1
-        return math.exp(nll / count), fp16 / stored, stored // len(self.windows)
+        return math.exp(nll / count), fp16 / stored, stored // len(self.windows), kl / count
 
     def measure(self, policy: CompressionPolicy, label: str = "") -> Measurement:
-        perplexity, ratio, stored = self._perplexity(policy)
+        perplexity, ratio, stored, kl = self._perplexity(policy)
         cost = perplexity / self.baseline - 1
-        return Measurement(label or policy.name, policy, perplexity, cost, ratio, stored)
+        return Measurement(label or policy.name, policy, perplexity, cost, ratio, stored, kl)
 
 
 def quantization_label(q: Quantization) -> str:

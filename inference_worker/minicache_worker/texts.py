@@ -26,16 +26,24 @@ def essay_paths() -> list[Path]:
     return paths
 
 
+SPLITS = ("calibration", "evaluation", "search", "validation")
+
+
 def essays(split: str) -> list[str]:
-    """Essay texts of the 'calibration' or 'evaluation' split."""
-    if split not in ("calibration", "evaluation"):
-        raise ValueError(f"split must be 'calibration' or 'evaluation', got {split!r}")
+    """Essay texts of a split. 'calibration' and 'evaluation' are disjoint; the
+    calibration essays are themselves cut in two disjoint halves, 'search' (even
+    positions among them: what transform calibration fits and searches on) and
+    'validation' (odd positions: what a search step must also pass)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     paths = essay_paths()
-    chosen = [
-        path
-        for index, path in enumerate(paths)
-        if (index % CALIBRATION_STRIDE == 0) == (split == "calibration")
-    ]
+    calibration = [path for index, path in enumerate(paths) if index % CALIBRATION_STRIDE == 0]
+    chosen = {
+        "calibration": calibration,
+        "evaluation": [p for index, p in enumerate(paths) if index % CALIBRATION_STRIDE],
+        "search": calibration[0::2],
+        "validation": calibration[1::2],
+    }[split]
     return [path.read_text(encoding="utf-8", errors="replace").strip() for path in chosen]
 
 

@@ -6,6 +6,7 @@
 | `kivi` | kivi.py | one layer, KIVI-style quantized (keys per channel, values per token) |
 | `slerp` | slerp_merge.py | a pair of layers: MiniCache SLERP direction, magnitudes, retained tokens |
 | `average` | average_merge.py | a pair of layers: their mean (the paper's baseline) |
+| `transform` | transform.py | consecutive layers: calibrated cross-layer transform, quantized, entropy coded |
 
 Beside them: `base.py` (the `Codec` interface, and `extend_tokens`, the growing token
 buffers appends write into) and `kivi_kernels.py` (KIVI's compiled CPU kernels, used
@@ -26,10 +27,11 @@ from minicache_client.codecs.kivi import KiviStream
 from minicache_client.codecs.merged_pair import MergedPair
 from minicache_client.codecs.raw import RawStream
 from minicache_client.codecs.slerp_merge import SlerpMerge
+from minicache_client.codecs.transform import TransformCoded
 from minicache_client.policy import LayerGroup, Quantization
 
 CODECS: dict[str, type[Codec]] = {
-    codec.name: codec for codec in (RawStream, KiviStream, SlerpMerge, AverageMerge)
+    codec.name: codec for codec in (RawStream, KiviStream, SlerpMerge, AverageMerge, TransformCoded)
 }
 PAIR_CODECS = tuple(name for name, codec in CODECS.items() if issubclass(codec, MergedPair))
 
@@ -76,6 +78,19 @@ def codecs_for_group(
 ) -> list[Codec]:
     """The codecs of one side (`kind`) of a layer group, covering its layers in order."""
     shape = {"dtype": dtype, "kv_heads": kv_heads, "head_dim": head_dim}
+    plan = group.transform
+    if plan is not None:
+        return [
+            TransformCoded(
+                **shape,
+                artifact=plan.artifact,
+                kind=kind,
+                first_layer=group.layers[0],
+                layer_total=len(group.layers),
+                sink_capacity=plan.sink_tokens,
+                window=plan.window,
+            )
+        ]
     bits = [quantization.bits_for(kind, layer) if quantization else None for layer in group.layers]
     merge = group.merge
     if merge is None or not getattr(merge, kind):
@@ -96,6 +111,7 @@ __all__ = [
     "MergedPair",
     "RawStream",
     "SlerpMerge",
+    "TransformCoded",
     "codecs_for_group",
     "stream_codec",
 ]

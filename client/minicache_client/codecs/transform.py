@@ -1,0 +1,282 @@
+"""`transform`: cross-layer transform coding of one side of a group of consecutive layers.
+
+A token's KV over the group's layers, heads and channels is one vector (keys with RoPE
+undone at the token's position). It is projected on the group's calibrated mean and
+orthonormal basis (minicache_client.transform_artifact), the coefficients are quantized
+with one uniform step, and the integer codes are entropy coded (minicache_client.entropy)
+in blocks. Restore decodes, multiplies back, adds the mean and re-applies RoPE.
+
+The first `sink_capacity` tokens and the `window` most recent ones are held exact (in
+`sink` and `recent`, `[layers, kv_heads, tokens, head_dim]`); a token is coded when it
+leaves the window. Every token is quantized on its own, so appending token by token
+restores exactly what one chunk restores; only the blocks of the coded stream differ
+(a block is the tokens that left the window in one append).
+
+Stored: the exact parts, the concatenated coded blocks (`stream`), and per block its
+end in bytes, its end in coded tokens and its largest absolute code. The artifact is
+named by hash; the process's registry (`transform_artifact.ARTIFACTS`) must hold it to
+encode or restore.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from minicache_client import entropy
+from minicache_client.array_namespace import (
+    CARRIER_DTYPES,
+    array_namespace,
+    narrow_into,
+    recast,
+    to_numpy,
+    widen_to_float32,
+)
+from minicache_client.codecs.base import Codec, check_stored, concat_tokens
+from minicache_client.transform_artifact import ARTIFACTS, HASH_PATTERN, SideTransform
+
+KINDS = ("keys", "values")
+
+
+def _grown(array: Any, value: int) -> np.ndarray:
+    return np.append(to_numpy(array), np.asarray([value], dtype=array.dtype))
+
+
+@dataclass
+class TransformCoded(Codec):
+    name: ClassVar[str] = "transform"
+
+    kv_heads: int
+    head_dim: int
+    dtype: str
+    artifact: str = ""
+    kind: str = "keys"
+    first_layer: int = 0
+    layer_total: int = 1
+    sink_capacity: int = 16
+    window: int = 32
+    sink: Any = None
+    recent: Any = None
+    stream: Any = None
+    block_bytes: Any = None
+    block_tokens: Any = None
+    block_peaks: Any = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.artifact, str) and HASH_PATTERN.fullmatch(self.artifact)):
+            raise ValueError("transform codec needs its artifact's SHA-256 hash")
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.layer_total < 1 or self.sink_capacity < 0 or self.window < 0:
+            raise ValueError("layer_total must be >= 1, sink_capacity and window >= 0")
+        xp = array_namespace(*(a for a in (self.sink, self.recent) if a is not None))
+        empty = (self.layer_total, self.kv_heads, 0, self.head_dim)
+        carrier = CARRIER_DTYPES[self.dtype]
+        if self.sink is None:
+            self.sink = xp.zeros(empty, dtype=carrier)
+        if self.recent is None:
+            self.recent = xp.zeros(empty, dtype=carrier)
+        if self.stream is None:
+            self.stream = np.zeros(0, dtype=np.uint8)
+            self.block_bytes = np.zeros(0, dtype=np.int64)
+            self.block_tokens = np.zeros(0, dtype=np.int64)
+            self.block_peaks = np.zeros(0, dtype=np.int32)
+        # The last coefficients decoded, (start, end, array): the layers of a group are
+        # restored one call each by a compressed cache. Not stored; dropped on append.
+        self._decoded: tuple[int, int, Any] | None = None
+
+    @property
+    def layer_count(self) -> int:  # type: ignore[override]
+        return self.layer_total
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(range(self.first_layer, self.first_layer + self.layer_total))
+
+    @property
+    def coded_tokens(self) -> int:
+        return int(self.block_tokens[-1]) if self.block_tokens.size else 0
+
+    @property
+    def tokens(self) -> int:
+        return int(self.sink.shape[2]) + self.coded_tokens + int(self.recent.shape[2])
+
+    @property
+    def frozen_tokens(self) -> int:
+        return int(self.sink.shape[2]) + self.coded_tokens
+
+    def _transform(self) -> tuple[SideTransform, Any, str]:
+        """(the side's transform, the group's RoPE tables, the coder)."""
+        artifact = ARTIFACTS.get(self.artifact)
+        if (artifact.shape.kv_heads, artifact.shape.head_dim) != (self.kv_heads, self.head_dim):
+            raise ValueError(
+                f"artifact {self.artifact[:12]} is for {artifact.shape.kv_heads} KV heads x "
+                f"{artifact.shape.head_dim} dims, not {self.kv_heads} x {self.head_dim}"
+            )
+        _, group = artifact.group_for(self.layers)
+        return (
+            group.side(self.kind),
+            [artifact.rope[layer] for layer in self.layers],
+            artifact.coder,
+        )
+
+    # -- encoding -------------------------------------------------------------------
+
+    def append(self, chunk: Sequence[Any]) -> None:
+        xp = array_namespace(*chunk)
+        tokens = xp.stack(list(chunk))  # [layers, kv_heads, n, head_dim]
+        room = self.sink_capacity - int(self.sink.shape[2])
+        if room > 0:
+            self.sink = concat_tokens(self.sink, tokens[:, :, :room], axis=2)
+            tokens = tokens[:, :, room:]
+        if tokens.shape[2]:
+            self.recent = concat_tokens(self.recent, tokens, axis=2)
+        ready = int(self.recent.shape[2]) - self.window
+        if ready > 0:
+            self._code(ready)
+
+    def _code(self, count: int) -> None:
+        """Code the first `count` tokens of `recent` as one block."""
+        self._decoded = None
+        side, rope, coder = self._transform()
+        position = self.frozen_tokens
+        exact = widen_to_float32(self.recent[:, :, :count], self.dtype)
+        if self.kind == "keys":
+            exact = array_namespace(exact).stack(
+                [
+                    table.rotate(layer, position, inverse=True)
+                    for table, layer in zip(rope, exact, strict=True)
+                ]
+            )
+        # [tokens, layers * heads * channels], the artifact's layout.
+        vectors = to_numpy(exact).transpose(2, 0, 1, 3).reshape(count, -1)
+        coefficients = (vectors - side.mean) @ side.basis
+        codes = np.rint(coefficients / side.step).astype(np.int32)
+        data, peak = entropy.encode(codes, side.scales, coder)
+        self.stream = np.concatenate([to_numpy(self.stream), np.frombuffer(data, dtype=np.uint8)])
+        self.block_bytes = _grown(self.block_bytes, self.stream.size)
+        self.block_tokens = _grown(self.block_tokens, self.coded_tokens + count)
+        self.block_peaks = _grown(self.block_peaks, peak)
+        self.recent = self.recent[:, :, count:].copy()
+
+    # -- decoding -------------------------------------------------------------------
+
+    def _decode_codes(self, start: int, end: int, side: SideTransform, coder: str) -> Any:
+        """int32 codes `[end - start, rank]` of coded tokens [start, end)."""
+        # The coded stream is decoded on the host, also when a GPU tier holds it.
+        ends, byte_ends = to_numpy(self.block_tokens), to_numpy(self.block_bytes)
+        stream, peaks = to_numpy(self.stream), to_numpy(self.block_peaks)
+        first = int(np.searchsorted(ends, start, side="right"))
+        last = int(np.searchsorted(ends, end - 1, side="right"))
+        parts = []
+        for block in range(first, last + 1):
+            block_start = int(ends[block - 1]) if block else 0
+            byte_start = int(byte_ends[block - 1]) if block else 0
+            parts.append(
+                entropy.decode(
+                    stream[byte_start : int(byte_ends[block])],
+                    int(peaks[block]),
+                    int(ends[block]) - block_start,
+                    side.scales,
+                    coder,
+                )
+            )
+        offset = start - (int(ends[first - 1]) if first else 0)
+        return np.concatenate(parts)[offset : offset + end - start]
+
+    def _restore_coded(self, layer_positions: Sequence[int], start: int, end: int) -> list[Any]:
+        """float32 `[kv_heads, end - start, head_dim]` of coded tokens [start, end) for
+        each of `layer_positions` (indices into the group)."""
+        side, rope, coder = self._transform()
+        if self._decoded is not None and self._decoded[:2] == (start, end):
+            coefficients = self._decoded[2]
+        else:
+            coefficients = self._decode_codes(start, end, side, coder).astype(np.float32)
+            coefficients *= np.float32(side.step)
+            self._decoded = (start, end, coefficients)
+        width = self.kv_heads * self.head_dim
+        restored = []
+        for which in layer_positions:
+            rows = slice(which * width, (which + 1) * width)
+            vectors = coefficients @ side.basis[rows].T + side.mean[rows]
+            layer = vectors.reshape(end - start, self.kv_heads, self.head_dim).transpose(1, 0, 2)
+            if self.kind == "keys":
+                layer = rope[which].rotate(layer, int(self.sink.shape[2]) + start)
+            restored.append(layer)
+        return restored
+
+    def _restore_into(
+        self, outs: list[Any], which: Sequence[int], start: int, end: int, dtype: str
+    ) -> None:
+        xp = array_namespace(self.sink)
+        sink_end = int(self.sink.shape[2])
+        coded_end = sink_end + self.coded_tokens
+        for part, lo, hi in (
+            ("sink", 0, sink_end),
+            ("coded", sink_end, coded_end),
+            ("recent", coded_end, self.tokens),
+        ):
+            a, b = max(start, lo), min(end, hi)
+            if a >= b:
+                continue
+            if part == "coded":
+                layers = self._restore_coded(which, a - lo, b - lo)
+                for out, layer in zip(outs, layers, strict=True):
+                    narrow_into(xp.asarray(layer), out[:, a - start : b - start], dtype)
+                continue
+            held = getattr(self, part)
+            for out, index in zip(outs, which, strict=True):
+                out[:, a - start : b - start] = recast(
+                    held[index, :, a - lo : b - lo], self.dtype, dtype
+                )
+
+    def _restore(self, which: Sequence[int], start: int, end: int, dtype: str) -> list[Any]:
+        xp = array_namespace(self.sink)
+        outs = [
+            xp.empty((self.kv_heads, end - start, self.head_dim), dtype=CARRIER_DTYPES[dtype])
+            for _ in which
+        ]
+        self._restore_into(outs, which, start, end, dtype)
+        return outs
+
+    def restore(self, which: int, start: int, end: int, dtype: str) -> Any:
+        return self._restore([which], start, end, dtype)[0]
+
+    def restore_group(self, start: int, end: int, dtype: str) -> list[Any]:
+        """Every layer of the group, the coded blocks decoded once."""
+        return self._restore(range(self.layer_total), start, end, dtype)
+
+    def check(self) -> None:
+        carrier = CARRIER_DTYPES[self.dtype]
+        shape = (self.layer_total, self.kv_heads)
+        for part in (self.sink, self.recent):
+            check_stored(
+                part.ndim == 4
+                and part.shape[:2] == shape
+                and part.shape[3] == self.head_dim
+                and part.dtype == carrier,
+                "exact tokens of a transform codec have the wrong shape or dtype",
+            )
+        check_stored(self.sink.shape[2] <= self.sink_capacity, "more sink tokens than room")
+        blocks = self.block_bytes.size
+        check_stored(
+            self.stream.ndim == 1
+            and self.stream.dtype == np.uint8
+            and self.block_tokens.shape == self.block_peaks.shape == (blocks,)
+            and self.block_bytes.dtype == self.block_tokens.dtype == np.int64
+            and self.block_peaks.dtype == np.int32,
+            "coded blocks of a transform codec are malformed",
+        )
+        if blocks:
+            byte_ends, token_ends = to_numpy(self.block_bytes), to_numpy(self.block_tokens)
+            check_stored(
+                bool((np.diff(byte_ends, prepend=0) > 0).all())
+                and bool((np.diff(token_ends, prepend=0) > 0).all())
+                and int(byte_ends[-1]) == self.stream.size
+                and bool((to_numpy(self.block_peaks) >= 0).all()),
+                "coded blocks of a transform codec are out of order",
+            )
+            check_stored(self.sink.shape[2] == self.sink_capacity, "coded tokens before the sink")
