@@ -7,6 +7,7 @@ calibration of compression policies.
     minicache-worker eval --model smollm2 --policy default --json out.json
     minicache-worker eval --model smollm2 --policy all --json all.json --plot pareto.png
     minicache-worker calibrate --model smollm2 --out policy.json --report report.json
+    minicache-worker calibrate-transform --model smollm2 --out policy.json --artifact-dir DIR
 
 `--model` takes the bundled model's name, a local .gguf file, or a local Hugging Face
 model directory. `--policy` takes a preset name, a policy JSON file, or `all` (every
@@ -267,6 +268,59 @@ def run_calibrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+TRANSFORM_FLAGS = (
+    "budget",
+    "context_tokens",
+    "scored_tokens",
+    "decode_chunk_tokens",
+    "windows",
+    "validation_windows",
+    "sink_tokens",
+    "rank_threshold",
+    "coder",
+)
+
+
+def run_calibrate_transform(args: argparse.Namespace) -> int:
+    from minicache_client.transform_artifact import ARTIFACT_SUFFIX
+    from minicache_worker.models import load_model
+    from minicache_worker.transform_calibration import TransformSettings, calibrate_transform
+
+    settings = TransformSettings(**{name: getattr(args, name) for name in TRANSFORM_FLAGS})
+    with _console_logging():
+        log.info("loading %s", args.model)
+        report = calibrate_transform(
+            load_model(args.model), settings, TerminalBars(args.progress), args.name
+        )
+        args.artifact_dir.mkdir(parents=True, exist_ok=True)
+        artifact_path = args.artifact_dir / f"{report.digest}{ARTIFACT_SUFFIX}"
+        artifact_path.write_bytes(report.artifact)
+        _write_json(args.out, report.policy.to_dict())
+        if args.report:
+            _write_json(args.report, report.to_dict())
+        if args.plot:
+            write_plot(
+                [
+                    (
+                        f"{t['group_layers']}L K{t['key_step']} V{t['value_step']} "
+                        f"w{t['window']} {t['text'][0]}",
+                        t["compression_ratio"],
+                        t["cost"],
+                    )
+                    for t in report.trials
+                ],
+                args.plot,
+                f"transform calibration on {report.model}: every trial (s: search, v: validation)",
+            )
+    print(
+        f"{args.out}: KL {report.validation.kl:.4f} nats on validation text (budget "
+        f"{settings.budget}), perplexity {report.validation.cost:+.2%}, compression ratio "
+        f"{report.search.compression_ratio:.2f}; artifact {artifact_path} "
+        f"({len(report.artifact) / 1e6:.1f} MB) in {report.seconds / 60:.1f} min"
+    )
+    return EXIT_OK
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Serve until SIGTERM or SIGINT, then drain: health NOT_SERVING at once, waiting
     turns refused, the running turn given MINICACHE_WORKER_GRACE_S to finish."""
@@ -327,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     from minicache_worker import demo as demo_module
     from minicache_worker.calibration import MERGE_KINDS, CalibrationSettings
     from minicache_worker.evaluation import EvalSettings
+    from minicache_worker.transform_calibration import TransformSettings
     from minicache_worker.worker_settings import settings_parser
 
     summary, _, usage = __doc__.partition("\n\n")
@@ -446,6 +501,47 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(cal, CalibrationSettings, CALIBRATION_FLAGS)
     _add_progress(cal)
     cal.set_defaults(handler=run_calibrate)
+
+    transform = commands.add_parser(
+        "calibrate-transform",
+        help="fit the cross-layer transform codec for a model and choose its settings",
+        description="Fit the transform codec's bases on search essays, then search group "
+        "size, quantization steps and the exact window greedily: each change is scored by "
+        "its KL divergence from the full cache on the search essays, and kept only if it "
+        "also stays within the budget on validation essays (both disjoint from the "
+        "evaluation essays). Writes the artifact (named by its SHA-256) into "
+        "--artifact-dir and a policy naming it; a server needs the artifact in its "
+        "MINICACHE_ARTIFACT_DIR to use the policy.",
+    )
+    transform.add_argument("--model", default="smollm2", help=model_help)
+    transform.add_argument(
+        "--out", type=Path, required=True, metavar="PATH", help="the policy JSON (required)"
+    )
+    transform.add_argument(
+        "--artifact-dir",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="directory the artifact <sha256>.mcta is written to (required)",
+    )
+    transform.add_argument(
+        "--report",
+        type=Path,
+        metavar="PATH",
+        help="every trial and the chosen point as JSON (default: not written)",
+    )
+    transform.add_argument(
+        "--name", default="calibrated", help="name of the written policy (default: %(default)s)"
+    )
+    transform.add_argument(
+        "--plot",
+        type=Path,
+        metavar="PATH",
+        help="PNG of every trial's ratio against perplexity increase (needs matplotlib)",
+    )
+    _add_settings(transform, TransformSettings, TRANSFORM_FLAGS)
+    _add_progress(transform)
+    transform.set_defaults(handler=run_calibrate_transform)
     return parser
 
 

@@ -49,7 +49,7 @@ class TransformSettings:
     budget: float = flag_field(
         0.006,
         "allowed mean KL divergence from the full cache, nats per scored token "
-        "(about 0.01 is +1%% perplexity)",
+        "(about 0.01 is +1% perplexity)",
     )
     context_tokens: int = flag_field(1024, "tokens of each window's compressed prefix")
     scored_tokens: int = flag_field(256, "continuation tokens scored in each window")
@@ -63,9 +63,9 @@ class TransformSettings:
         0.25, "a component is kept when its standard deviation reaches this many steps"
     )
     coder: str = flag_field("rans", "entropy coder of the codes: rans or zlib")
-    group_sizes: tuple[int, ...] = (10, 15, 30)
-    key_steps: tuple[float, ...] = (0.35, 0.5, 0.7, 1.0, 1.4)
-    value_steps: tuple[float, ...] = (0.8, 1.0, 1.3, 1.7, 2.2)
+    group_sizes: tuple[int, ...] = (6, 10, 15, 30)
+    key_steps: tuple[float, ...] = (0.25, 0.35, 0.5, 0.7, 1.0, 1.4)
+    value_steps: tuple[float, ...] = (0.6, 0.8, 1.0, 1.3, 1.7, 2.2)
     recent_windows: tuple[int, ...] = (32, 16)
 
     def __post_init__(self) -> None:
@@ -299,6 +299,12 @@ def calibrate_transform(
     current = Point()
     current_search = scored(current, search, "search")
     current_validation = scored(current, validation, "validation")
+    if max(current_search.kl, current_validation.kl) > settings.budget:
+        raise ValueError(
+            f"the gentlest setting costs KL {current_search.kl:.4f} (search) / "
+            f"{current_validation.kl:.4f} (validation), over the budget {settings.budget}: "
+            "raise --budget"
+        )
     rounds = bar(range(64), "transform search", 64, "round")
     for _ in rounds:
         moves = current.moves(settings)
