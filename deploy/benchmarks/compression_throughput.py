@@ -32,6 +32,13 @@ Synthetic KV, seeded (`--seed`), shape `[kv_heads, tokens, head_dim]` per layer:
   defaults the `paper` preset retains about 2% of the units of correlated pairs and a
   handful (the tails) of the others, so the retention gather/scatter paths do work.
 
+`--kv model` uses real KV instead: the bundled SmolLM2's keys and values for the first
+`--tokens` tokens of the evaluation essays (needs the worker package; the shape flags
+are then the model's). The transform codec is calibrated on real KV, so its ratio and
+its entropy coder's speed mean something only there; on synthetic KV its codes are
+large and slow. `--coders rans zlib` measures each transform policy once per entropy
+coder (its artifact re-encoded with the other coder, under another hash).
+
 With `--device cuda` (needs CuPy) the arrays live on the GPU and every timer stops
 after `cupy.cuda.Device().synchronize()`; the engine dispatches on the array
 namespace, so the same code runs.
@@ -41,6 +48,8 @@ preset, 5 repeats: about a minute on 2 CPU cores.
 
     python deploy/benchmarks/compression_throughput.py
     python deploy/benchmarks/compression_throughput.py --policies paper kivi4 --json out.json
+    python deploy/benchmarks/compression_throughput.py --kv model --tokens 2048 \
+        --policies none kivi4 default --coders rans zlib --json docs/transform_throughput.json
 """
 
 from __future__ import annotations
@@ -53,15 +62,17 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 from arguments import positive_int  # beside this script
 
+from minicache_client.entropy import CODERS
 from minicache_client.policy import PRESETS, CompressionPolicy, load_policy
 from minicache_client.sequence_encoder import SequenceEncoder
+from minicache_client.transform_artifact import ARTIFACTS, encode_artifact
 
 DTYPE = "float16"
 KEY_OUTLIER_CHANNELS = 4
@@ -150,6 +161,22 @@ def build_parser() -> argparse.ArgumentParser:
         default="cpu",
         help="cpu: NumPy arrays; cuda: CuPy arrays on the current GPU",
     )
+    parser.add_argument(
+        "--kv",
+        choices=["synthetic", "model"],
+        default="synthetic",
+        help="synthetic: seeded random KV of the shape flags; model: the bundled SmolLM2's "
+        "KV of evaluation text (the shape flags are then the model's)",
+    )
+    parser.add_argument(
+        "--coders",
+        nargs="+",
+        choices=CODERS,
+        default=None,
+        metavar="CODER",
+        help=f"measure each transform policy with each of these entropy coders ({CODERS}); "
+        "default: the coder its artifact names",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic KV")
     data = parser.add_argument_group("synthetic KV")
     data.add_argument(
@@ -194,6 +221,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Modul
         folder = os.path.dirname(os.path.abspath(args.json))
         if not os.path.isdir(folder):
             parser.error(f"--json {args.json}: folder {folder} does not exist")
+    if args.kv == "model":
+        args.layers, args.kv_heads, args.head_dim = 30, 3, 64  # SmolLM2-135M
     args.shape = ModelShape(args.layers, args.kv_heads, args.head_dim, args.tokens)
     policies: list[CompressionPolicy] = []
     for name in dict.fromkeys(args.policies):
@@ -203,9 +232,28 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Modul
             _new_encoder(policy, args.shape)
         except ValueError as exc:
             parser.error(f"--policies {name}: {exc}")
-        policies.append(policy)
+        policies.extend(coder_variants(policy, args.coders))
     args.policy_objects = policies
     return args, xp
+
+
+def coder_variants(policy: CompressionPolicy, coders: list[str] | None) -> list[CompressionPolicy]:
+    """`policy`, or for a transform policy one copy per coder: its artifact re-encoded
+    with that coder (registered under its own hash), named `policy (coder)`."""
+    if policy.transform is None or not coders:
+        return [policy]
+    artifact = ARTIFACTS.get(policy.transform.artifact)
+    variants = []
+    for coder in coders:
+        digest = ARTIFACTS.add(encode_artifact(replace(artifact, coder=coder)))
+        variants.append(
+            replace(
+                policy,
+                name=f"{policy.name} ({coder})",
+                transform=replace(policy.transform, artifact=digest),
+            )
+        )
+    return variants
 
 
 # -- data -----------------------------------------------------------------------------
@@ -251,6 +299,27 @@ def synthetic_kv(
             layer_keys[head][:, channels] *= KEY_OUTLIER_SCALE
         keys.append(layer_keys.astype(np.float16))
         values.append(fresh[1].astype(np.float16))
+    return keys, values
+
+
+def model_kv(tokens: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The bundled SmolLM2's float16 KV of the first `tokens` tokens of the evaluation
+    essays, `[kv_heads, tokens, head_dim]` per layer (host)."""
+    import torch
+    from transformers import DynamicCache
+
+    from minicache_worker.models import load_model
+    from minicache_worker.texts import split_text
+
+    lm = load_model("smollm2")
+    ids = lm.tokenizer(split_text("evaluation"), return_tensors="pt").input_ids[0, :tokens]
+    if ids.numel() < tokens:
+        raise SystemExit(f"--tokens {tokens}: the evaluation text has {ids.numel()} tokens")
+    cache = DynamicCache()
+    with torch.inference_mode():
+        lm.model(ids[None], past_key_values=cache, use_cache=True)
+    keys = [layer.keys[0].to(torch.float16).numpy() for layer in cache.layers]
+    values = [layer.values[0].to(torch.float16).numpy() for layer in cache.layers]
     return keys, values
 
 
@@ -450,6 +519,7 @@ def report_json(
             "fp16_bytes": nbytes,
             "repeats": args.repeats,
             "warmup_runs": 1,
+            "kv": args.kv,
             "seed": args.seed,
             "correlated_fraction": args.correlated_fraction,
             "correlation": args.correlation,
@@ -477,13 +547,16 @@ def main(argv: list[str] | None = None) -> int:
     args, xp = parse_args(argv)
     shape: ModelShape = args.shape
     began = time.perf_counter()
-    host_keys, host_values = synthetic_kv(
-        shape,
-        seed=args.seed,
-        correlated_fraction=args.correlated_fraction,
-        correlation=args.correlation,
-        distinct_tokens=args.distinct_tokens,
-    )
+    if args.kv == "model":
+        host_keys, host_values = model_kv(shape.tokens)
+    else:
+        host_keys, host_values = synthetic_kv(
+            shape,
+            seed=args.seed,
+            correlated_fraction=args.correlated_fraction,
+            correlation=args.correlation,
+            distinct_tokens=args.distinct_tokens,
+        )
     keys = [xp.asarray(k) for k in host_keys]
     values = [xp.asarray(v) for v in host_values]
     del host_keys, host_values
