@@ -161,6 +161,15 @@ class ServerSettings:
         metavar="PREFIX",
     )
     # Requests.
+    artifact_dir: str = setting(
+        "",
+        "directory of the calibration artifacts of transform policies, files "
+        "<sha256>.mcta (verified when first used); searched before MINICACHE_ARTIFACT_DIRS "
+        "and the SDK's bundled artifacts. A put whose policy names an artifact the server "
+        "lacks is refused; clients fetch artifacts by hash (GetArtifact); empty: only the "
+        "bundled ones, ~/.cache/minicache/artifacts and MINICACHE_ARTIFACT_DIRS",
+        metavar="PATH",
+    )
     default_policy: str = setting(
         "default",
         "compression policy of puts that name none: a preset name or a policy JSON file",
@@ -235,6 +244,10 @@ class ServerSettings:
             path = getattr(self, name)
             if path and not Path(path).is_file():
                 raise SettingsError(f"{env_name(name)}: no such file {path!r}")
+        if self.artifact_dir and not Path(self.artifact_dir).is_dir():
+            raise SettingsError(
+                f"{env_name('artifact_dir')}: no such directory {self.artifact_dir!r}"
+            )
         try:  # a bad default policy stops start-up, not the first put
             load_policy(self.default_policy)
         except ValueError as exc:

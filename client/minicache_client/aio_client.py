@@ -19,20 +19,31 @@ import numpy as np
 
 from minicache_client.cache_client import check_timeout, health_stub, serving_status, typed_errors
 from minicache_client.channel import ClientConfig, call_metadata, create_aio_channel
-from minicache_client.errors import CacheError, FailedPreconditionError, error_from_rpc
+from minicache_client.errors import (
+    CacheError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    error_from_rpc,
+)
 from minicache_client.proto import cache_service_pb2 as pb
 from minicache_client.proto import cache_service_pb2_grpc
 from minicache_client.protocol import (
+    ArtifactStream,
     PrefetchPlan,
     PrefetchStream,
     PutProgress,
     append_request,
+    artifact_request,
     carried_layers,
     check_count,
     sequence_header,
     sequence_ref,
 )
 from minicache_client.results import LookupResult, PutResult, StatsResult
+from minicache_client.transform_artifact import ARTIFACTS, ArtifactRegistry
+
+# How long past its call's deadline a fetch from another thread waits for the loop.
+LOOP_GRACE_S = 5.0
 
 
 def _write_error(exc: grpc.RpcError) -> CacheError:
@@ -159,6 +170,8 @@ class AsyncCacheClient:
         self._metadata = call_metadata(config)
         self._channel: grpc.aio.Channel | None = None
         self._stub: cache_service_pb2_grpc.CacheServiceStub | None = None
+        # The registry that fetches through this client and the function it calls.
+        self._artifact_fetch: tuple[ArtifactRegistry, Any] | None = None
 
     @property
     def target(self) -> str:
@@ -172,6 +185,11 @@ class AsyncCacheClient:
         return self._stub
 
     async def close(self) -> None:
+        """Close the channel; a registry that fetched through this client stops."""
+        if self._artifact_fetch is not None:
+            (registry, fetch), self._artifact_fetch = self._artifact_fetch, None
+            if registry.fetch is fetch:
+                registry.fetch = None
         if self._channel is not None:
             channel, self._channel, self._stub = self._channel, None, None
             await channel.close()
@@ -384,6 +402,54 @@ class AsyncCacheClient:
                 pb.StatsRequest(), timeout=self._timeout(timeout_s), metadata=self._metadata
             )
         return StatsResult.from_proto(response)
+
+    async def get_artifact(self, digest: str, *, timeout_s: float | None = None) -> bytes:
+        """`CacheClient.get_artifact`: the calibration artifact file of `digest`,
+        checked to hash to it (CorruptArtifactError otherwise)."""
+        timeout = self._timeout(timeout_s)
+        stream = ArtifactStream(digest)
+        call = self._service().GetArtifact(
+            artifact_request(digest), timeout=timeout, metadata=self._metadata
+        )
+        try:
+            with typed_errors():
+                async for response in call:
+                    stream.feed(response)
+        finally:
+            call.cancel()  # a no-op once the call is over
+        return stream.finish()
+
+    def use_for_artifacts(self, registry: ArtifactRegistry = ARTIFACTS) -> None:
+        """`CacheClient.use_for_artifacts`: `registry` fetches the artifacts it lacks
+        through this client, until `close()`. Call it inside the client's event loop:
+        the fetch runs there, for a restore on another thread (this client restores
+        compressed entries off the loop); a restore on the loop's own thread that needs
+        a fetch raises FailedPreconditionError rather than block the loop."""
+        loop = asyncio.get_running_loop()
+
+        def fetch(digest: str) -> bytes:
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is loop:
+                raise FailedPreconditionError(
+                    f"calibration artifact {digest} must be fetched, which would block the "
+                    "event loop: restore off the loop, or await get_artifact() first and "
+                    "add it to the registry"
+                )
+            future = asyncio.run_coroutine_threadsafe(self.get_artifact(digest), loop)
+            try:  # the call has its deadline; this bounds a loop that stopped running
+                return future.result(self.config.timeout_s + LOOP_GRACE_S)
+            except TimeoutError:
+                future.cancel()
+                raise DeadlineExceededError(
+                    f"calibration artifact {digest}: the client's event loop did not "
+                    "fetch it in time"
+                ) from None
+
+        registry.fetch = fetch
+        self._artifact_fetch = (registry, fetch)
 
     async def health(self, *, timeout_s: float | None = None) -> str:
         """The server's overall status (grpc.health.v1): "SERVING" or "NOT_SERVING"."""

@@ -30,10 +30,12 @@ from minicache_client.errors import CacheError, FailedPreconditionError, error_f
 from minicache_client.proto import cache_service_pb2 as pb
 from minicache_client.proto import cache_service_pb2_grpc
 from minicache_client.protocol import (
+    ArtifactStream,
     PrefetchPlan,
     PrefetchStream,
     PutProgress,
     append_request,
+    artifact_request,
     carried_layers,
     check_count,
     put_requests,
@@ -41,6 +43,7 @@ from minicache_client.protocol import (
     sequence_ref,
 )
 from minicache_client.results import LookupResult, PutResult, StatsResult
+from minicache_client.transform_artifact import ARTIFACTS, ArtifactRegistry
 from minicache_client.wire import tokens_per_chunk
 
 # Chunks a streamed put may queue ahead of the network: about this many bytes.
@@ -213,6 +216,15 @@ class CacheClient(ChannelClient):
             request_serializer=None,
             response_deserializer=pb.PutResponse.FromString,
         )
+        # The registry that fetches through this client (`use_for_artifacts`).
+        self._artifact_registry: ArtifactRegistry | None = None
+
+    def close(self) -> None:
+        """Close the channel; a registry that fetched through this client stops."""
+        registry, self._artifact_registry = self._artifact_registry, None
+        if registry is not None and registry.fetch == self.get_artifact:
+            registry.fetch = None
+        super().close()
 
     def _timeout(self, timeout_s: float | None) -> float:
         return check_timeout(timeout_s, self.config.timeout_s)
@@ -356,7 +368,10 @@ class CacheClient(ChannelClient):
         they view received bytes. `end_token` None: to the last token held;
         `last_layer` None: to the last layer. `wire_form="compressed"` receives the
         stored entries, verifies their checksums and restores here (less traffic, client
-        CPU); a corrupt entry raises CorruptDataError and yields nothing of it.
+        CPU); a corrupt entry raises CorruptDataError and yields nothing of it. A
+        transform policy's entries restore with its calibration artifact: one this
+        process lacks raises FailedPreconditionError naming its hash, unless
+        `use_for_artifacts()` made the registry fetch it from the server.
         The call starts now; its deadline covers the whole stream.
         """
         timeout = self._timeout(timeout_s)
@@ -421,6 +436,34 @@ class CacheClient(ChannelClient):
                 pb.StatsRequest(), timeout=self._timeout(timeout_s), metadata=self._metadata
             )
         return StatsResult.from_proto(response)
+
+    def get_artifact(self, digest: str, *, timeout_s: float | None = None) -> bytes:
+        """The calibration artifact file whose SHA-256 is `digest` (64 lowercase hex
+        digits), as the server holds it: what restoring a transform policy's compressed
+        wire form needs. Raises NotFoundError when the server holds none of that hash,
+        InvalidArgumentError for a malformed hash, CorruptArtifactError
+        (`minicache_client.transform_artifact`) when the bytes do not hash to `digest`.
+        The deadline covers the whole stream (a file of tens of MB)."""
+        timeout = self._timeout(timeout_s)
+        stream = ArtifactStream(digest)
+        call = self._stub.GetArtifact(
+            artifact_request(digest), timeout=timeout, metadata=self._metadata
+        )
+        try:
+            with typed_errors():
+                for response in call:
+                    stream.feed(response)
+        finally:
+            call.cancel()  # a no-op once the call is over
+        return stream.finish()
+
+    def use_for_artifacts(self, registry: ArtifactRegistry = ARTIFACTS) -> None:
+        """Make `registry` (default: the process's, which the codecs use) fetch the
+        calibration artifacts it lacks from this server (`get_artifact`) and keep them in
+        its first writable directory, so that a compressed prefetch of a transform
+        policy restores here. Until `close()`, which undoes it."""
+        registry.fetch = self.get_artifact
+        self._artifact_registry = registry
 
     def health(self, *, timeout_s: float | None = None) -> str:
         """The server's overall status (grpc.health.v1): "SERVING" or "NOT_SERVING"."""

@@ -13,18 +13,25 @@
 - `PrefetchStream`: the messages of a Prefetch response stream turned into whole layers,
   `(layer, keys, values)` with keys and values `[kv_heads, end - start, head_dim]`, in
   ascending layer order as soon as each is complete; compressed entries are verified
-  (checksum) and restored here.
+  (checksum) and restored here (a transform entry with the calibration artifact of the
+  process's registry, `transform_artifact.ARTIFACTS`).
+- `artifact_request`, `ArtifactStream`: a GetArtifact call's request, and its response
+  stream's pieces put together into the artifact file, checked against its hash.
 
 Arguments the server would reject for their form (ids, tags, policy text, counts) are
 rejected here first with `InvalidArgumentError`; limits that are the server's settings
 (sizes, tokens, layers, budgets) are the server's to check;
 a server stream that breaks the protocol raises `InvalidArgumentError` or
 `FailedPreconditionError` (never a partial tensor); an entry that fails its checksum
-raises `CorruptDataError`.
+raises `CorruptDataError`. Restoring a transform entry whose calibration artifact the
+process lacks raises `FailedPreconditionError` naming its hash (unless the registry
+fetches it: `CacheClient.use_for_artifacts`), one whose artifact fails verification
+`CorruptDataError`; the `ArtifactError` is the exception's `__cause__`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import numbers
 import re
 from collections.abc import Iterator, Sequence
@@ -35,6 +42,7 @@ import numpy as np
 
 from minicache_client.entry import CorruptEntryError, LayerGroupEntry, decode_entry
 from minicache_client.errors import (
+    CacheError,
     CorruptDataError,
     FailedPreconditionError,
     InvalidArgumentError,
@@ -45,6 +53,13 @@ from minicache_client.policy import CompressionPolicy, request_policy
 from minicache_client.proto import cache_service_pb2 as pb
 from minicache_client.restore import restore_layer
 from minicache_client.tensors import as_carrier, check_dtype
+from minicache_client.transform_artifact import (
+    MAX_ARTIFACT_BYTES,
+    ArtifactError,
+    CorruptArtifactError,
+    MissingArtifactError,
+    check_digest,
+)
 from minicache_client.wire import (
     DTYPE_TO_WIRE,
     LayerAssembler,
@@ -610,6 +625,10 @@ class PrefetchStream:
                 keys, values = restore_layer(
                     entry, layer, header.start_token, header.end_token, self.dtype
                 )
+            except CacheError:  # fetching an artifact failed (`use_for_artifacts`)
+                raise
+            except ArtifactError as exc:
+                raise artifact_error(exc, f"layer {layer}") from exc
             except ValueError as exc:
                 raise _stream_error(f"layer {layer}: {exc}") from exc
             self.ready[layer] = (np.asarray(keys), np.asarray(values))
@@ -621,3 +640,79 @@ class PrefetchStream:
             out.append((self.next_layer, keys, values))
             self.next_layer += 1
         return out
+
+
+# -- calibration artifacts ----------------------------------------------------------------
+
+
+def artifact_error(error: ArtifactError, what: str) -> CacheError:
+    """The typed error of a calibration artifact that `what` (a restore) could not use:
+    FailedPreconditionError when the process lacks it (or it does not fit),
+    CorruptDataError when it failed verification."""
+    detail = clipped(str(error), 240)
+    if isinstance(error, MissingArtifactError):
+        return FailedPreconditionError(
+            f"{what}: calibration artifact {error.digest} is not held here: fetch it from "
+            "the cache server (client.use_for_artifacts()), put it in an artifact directory "
+            "(MINICACHE_ARTIFACT_DIRS), or prefetch the restored wire form"
+        )
+    if isinstance(error, CorruptArtifactError):
+        return CorruptDataError(f"{what}: calibration artifact failed verification: {detail}")
+    return FailedPreconditionError(f"{what}: calibration artifact: {detail}")
+
+
+def artifact_request(digest: str) -> pb.GetArtifactRequest:
+    """GetArtifact's request; InvalidArgumentError for a hash that is not 64 lowercase
+    hex digits (the server refuses the same)."""
+    try:
+        check_digest(digest)
+    except ArtifactError as exc:
+        raise InvalidArgumentError(str(exc)) from None
+    return pb.GetArtifactRequest(digest=digest)
+
+
+class ArtifactStream:
+    """The pieces of one GetArtifact response stream, put together: `feed` each message,
+    then `finish()` gives the file, checked to hash to `digest` (CorruptArtifactError
+    otherwise). A stream that breaks the protocol (pieces out of order, sizes that
+    disagree, more than `MAX_ARTIFACT_BYTES`) raises InvalidArgumentError; one that ends
+    early FailedPreconditionError."""
+
+    def __init__(self, digest: str) -> None:
+        self.digest = digest
+        self.total: int | None = None
+        self.data = bytearray()
+
+    def feed(self, response: pb.GetArtifactResponse) -> None:
+        if self.total is None:
+            if not 0 < response.total_bytes <= MAX_ARTIFACT_BYTES:
+                raise InvalidArgumentError(
+                    f"artifact stream: an artifact of {response.total_bytes} bytes (at most "
+                    f"{MAX_ARTIFACT_BYTES})"
+                )
+            self.total = response.total_bytes
+        elif response.total_bytes != self.total:
+            raise InvalidArgumentError(
+                f"artifact stream: a piece of {response.total_bytes} bytes in an artifact of "
+                f"{self.total}"
+            )
+        if response.offset != len(self.data):
+            raise InvalidArgumentError(
+                f"artifact stream: a piece at byte {response.offset}, expected {len(self.data)}"
+            )
+        if len(self.data) + len(response.data) > self.total:
+            raise InvalidArgumentError(f"artifact stream: more than its {self.total} bytes")
+        self.data += response.data
+
+    def finish(self) -> bytes:
+        if self.total is None or len(self.data) != self.total:
+            raise FailedPreconditionError(
+                f"artifact stream ended after {len(self.data)} of {self.total or '?'} bytes"
+            )
+        data = bytes(self.data)
+        self.data = bytearray()
+        if hashlib.sha256(data).hexdigest() != self.digest:
+            raise CorruptArtifactError(
+                f"artifact {self.digest} fetched from the server does not hash to its name"
+            )
+        return data

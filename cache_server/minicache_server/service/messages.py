@@ -124,6 +124,14 @@ def prefetch_responses(
             yield pb.PrefetchResponse(entry=entry)
 
 
+def artifact_responses(data: bytes, max_chunk_bytes: int) -> Iterator[pb.GetArtifactResponse]:
+    """An artifact file as GetArtifact's messages, pieces of at most `max_chunk_bytes`."""
+    for offset in range(0, len(data), max_chunk_bytes):
+        yield pb.GetArtifactResponse(
+            data=data[offset : offset + max_chunk_bytes], total_bytes=len(data), offset=offset
+        )
+
+
 def put_response(result: PutResult) -> pb.PutResponse:
     return pb.PutResponse(
         tokens=result.tokens, stored_bytes=result.stored_bytes, fp16_bytes=result.fp16_bytes

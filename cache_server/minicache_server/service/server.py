@@ -2,7 +2,10 @@
 
 `start_server(settings)` binds the gRPC port (port 0 picks a free one: tests use it),
 adds the library's health service and reflection, the auth interceptor, TLS when
-configured, and the metrics HTTP endpoint. `CacheServer.stop()` drains gracefully:
+configured, and the metrics HTTP endpoint. It first adds the artifact directory
+(`MINICACHE_ARTIFACT_DIR`) to the process's registry of calibration artifacts
+(`minicache_server.artifacts`; taken away again at stop), and stops with SettingsError
+when the default policy's artifact is missing or corrupt. `CacheServer.stop()` drains gracefully:
 health turns NOT_SERVING first, in-flight calls get `grace_s` to finish; then what
 lives only on the device tier is written down to the persistent tier below it (disk or
 Redis), within another `grace_s`, so that the next start recovers it
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from wsgiref.simple_server import WSGIServer
 
@@ -22,13 +26,14 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from minicache_client.errors import clipped
-from minicache_client.policy import load_policy
+from minicache_client.errors import CacheError, clipped
+from minicache_client.policy import CompressionPolicy, load_policy
 from minicache_client.proto import cache_service_pb2 as pb
 from minicache_client.serving.auth import AuthInterceptor, TokenAuth
 from minicache_client.serving.metrics import serve_metrics
 from minicache_client.serving.settings import SettingsError, split_address
 from minicache_client.serving.tls import server_credentials
+from minicache_server import artifacts
 from minicache_server.metrics import CacheMetrics
 from minicache_server.service.servicer import add_cache_service
 from minicache_server.settings import ServerSettings
@@ -74,6 +79,8 @@ class CacheServer:
     settings: ServerSettings
     health_server: grpc.aio.Server | None = None
     health_port: int | None = None
+    # The artifact directory this server added to the process's registry.
+    artifact_dir: Path | None = None
 
     @property
     def metrics_port(self) -> int | None:
@@ -92,6 +99,7 @@ class CacheServer:
             self.metrics_http.shutdown()
             self.metrics_http.server_close()
         await self.store.close()
+        artifacts.forget_directory(self.artifact_dir)
 
     async def write_down(self, time_limit_s: float) -> None:
         """What lives only on the device, to the persistent tier below it
@@ -154,8 +162,31 @@ async def build_tiers(settings: ServerSettings) -> list[StorageTier]:
     return tiers
 
 
+def default_policy_of(settings: ServerSettings) -> CompressionPolicy:
+    """The default policy; a transform policy whose artifact the server lacks or holds
+    corrupt stops start-up (SettingsError), not the first put."""
+    # ServerSettings refused a bad default policy already, naming its variable.
+    policy = load_policy(settings.default_policy)
+    if policy.transform is not None:
+        try:
+            artifacts.require(policy.transform.artifact)
+        except CacheError as exc:
+            raise SettingsError(f"MINICACHE_DEFAULT_POLICY: {exc}") from None
+    return policy
+
+
 async def start_server(settings: ServerSettings) -> CacheServer:
     """Build, bind and start a cache server (inside a running asyncio loop)."""
+    artifact_dir = artifacts.use_directory(settings.artifact_dir)
+    try:
+        return await _start_server(settings, artifact_dir)
+    except BaseException:
+        artifacts.forget_directory(artifact_dir)
+        raise
+
+
+async def _start_server(settings: ServerSettings, artifact_dir: Path | None) -> CacheServer:
+    default_policy = default_policy_of(settings)
     metrics = CacheMetrics()
     chain = TierChain(await build_tiers(settings), metrics)
     limits = Limits(
@@ -164,8 +195,6 @@ async def start_server(settings: ServerSettings) -> CacheServer:
         max_layers=settings.max_layers,
         tenant_quota_bytes=settings.tenant_quota_bytes,
     )
-    # ServerSettings refused a bad default policy already, naming its variable.
-    default_policy = load_policy(settings.default_policy)
     store = SequenceStore(chain, metrics, limits, default_policy)
     if chain.persistent:
         report = await store.recover()
@@ -238,4 +267,5 @@ async def start_server(settings: ServerSettings) -> CacheServer:
         settings,
         health_server,
         health_port,
+        artifact_dir,
     )

@@ -6,7 +6,8 @@ answer back; the store never sees protobuf.
 Nothing here handles errors, timing or metrics: `add_cache_service` registers the
 methods through `minicache_client.serving.rpc_methods`, whose one wrapper maps the
 domain errors (`minicache_client.errors`) to their status codes, answers undecodable
-requests INVALID_ARGUMENT, counts cancellations and answers anything else INTERNAL.
+requests INVALID_ARGUMENT, counts cancellations and answers anything else INTERNAL
+(`cache_status`: a calibration artifact's error is FAILED_PRECONDITION).
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from minicache_client.errors import FailedPreconditionError, InvalidArgumentError
+from minicache_client.errors import CacheError, FailedPreconditionError, InvalidArgumentError
 from minicache_client.proto import cache_service_pb2 as pb
 from minicache_client.proto import cache_service_pb2_grpc as pb_grpc
 from minicache_client.serving.auth import TokenAuth
-from minicache_client.serving.rpc_methods import RpcOutcomes, add_service
+from minicache_client.serving.rpc_methods import RpcOutcomes, add_service, cache_error_status
+from minicache_client.transform_artifact import ArtifactError
+from minicache_server import artifacts
 from minicache_server.metrics import CacheMetrics
 from minicache_server.service import messages
 from minicache_server.store import SequenceStore
@@ -49,7 +52,9 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
             raise FailedPreconditionError("a chunk arrived before the put's header")
         if item != "header":
             raise InvalidArgumentError(EMPTY_PUT_REQUEST)
-        with self.store.begin_put(tenant, messages.sequence_header(first.header)) as session:
+        header = messages.sequence_header(first.header)
+        await self.store.load_artifacts(tenant, header)
+        with self.store.begin_put(tenant, header) as session:
             async for request in requests:
                 item = request.WhichOneof("item")
                 if item == "chunk":
@@ -71,7 +76,9 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
             raise InvalidArgumentError(
                 "an append extends a held sequence: start_token must be the tokens held"
             )
-        with self.store.begin_put(tenant, messages.sequence_header(request.header)) as session:
+        header = messages.sequence_header(request.header)
+        await self.store.load_artifacts(tenant, header)
+        with self.store.begin_put(tenant, header) as session:
             for chunk in request.layers:
                 await session.add_chunk(messages.layer_chunk(chunk))
             sequence = await session.commit()
@@ -105,6 +112,23 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
     ) -> pb.StatsResponse:
         return messages.stats_response(self.store.stats(self.auth.tenant_of(context)))
 
+    async def GetArtifact(
+        self, request: pb.GetArtifactRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GetArtifactResponse]:
+        # Artifacts are model calibration, not tenant data: any known token will do.
+        self.auth.tenant_of(context)
+        data = await artifacts.artifact_bytes(request.digest)
+        for response in messages.artifact_responses(data, self.store.limits.max_chunk_bytes):
+            yield response
+
+
+def cache_status(error: Exception) -> grpc.StatusCode | None:
+    """The status code of a domain error; an artifact problem that reached the wrapper
+    unconverted (from deep in a codec) is FAILED_PRECONDITION, never INTERNAL."""
+    if isinstance(error, ArtifactError) and not isinstance(error, CacheError):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    return cache_error_status(error)
+
 
 def add_cache_service(
     server: grpc.aio.Server, store: SequenceStore, auth: TokenAuth, metrics: CacheMetrics
@@ -112,5 +136,5 @@ def add_cache_service(
     """Register the CacheService on `server`; every call is timed and counted in
     `metrics` (`minicache_requests_total`, `minicache_request_seconds`)."""
     servicer = CacheServicer(store, auth)
-    add_service(server, SERVICE, servicer, RpcOutcomes(metrics, logger=log))
+    add_service(server, SERVICE, servicer, RpcOutcomes(metrics, cache_status, logger=log))
     return servicer

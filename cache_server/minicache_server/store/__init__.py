@@ -12,6 +12,10 @@ Primitives (called by the gRPC servicer, one per RPC, with the protobuf-free typ
   than every tier together can hold is refused at once, with the reason. A committed
   write sets the sequence's tag (opaque bytes, a label of its content) to the header's,
   empty clearing it; `lookup` returns it.
+- `load_artifacts(tenant, header)`: before `begin_put`, read the calibration artifact
+  the write's transform policy needs on a thread (`minicache_server.artifacts`); a
+  policy whose artifact the server lacks or holds corrupt is refused by `begin_put`
+  (FAILED_PRECONDITION, the hash in the message).
 - `prefetch(tenant, query)`: async iterator of the answer's `SequenceHeader`, then
   `RestoredLayer`s or `StoredEntry`s.
 - `lookup -> LookupResult`, `delete -> bool`, `stats -> StatsResult`; a commit's

@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING
 from minicache_client.array_namespace import to_numpy
 from minicache_client.entry import encode_entry
 from minicache_client.errors import InvalidArgumentError, NotFoundError, OutOfRangeError
+from minicache_client.policy import ModelShape
 from minicache_client.restore import restore_group
 from minicache_client.results import LookupResult
+from minicache_server import artifacts
 from minicache_server.domain import (
     PrefetchQuery,
     RestoredLayer,
@@ -54,6 +56,12 @@ async def prefetch(
             "the compressed wire form carries the stored dtype: restore into another "
             "dtype on the client"
         )
+    if not compressed and sequence.policy.transform is not None:
+        # Restoring needs the policy's artifact (the compressed form does not: the
+        # client restores it): refused before the header when the server lacks it.
+        await artifacts.preload(sequence.policy)
+        shape = ModelShape(sequence.num_layers, sequence.kv_heads, sequence.head_dim)
+        artifacts.check_policy(sequence.policy, shape)
     yield SequenceHeader(
         sequence=query.sequence,
         num_layers=sequence.num_layers,

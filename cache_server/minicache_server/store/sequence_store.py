@@ -19,6 +19,7 @@ import numpy as np
 
 from minicache_client.entry import CorruptEntryError, LayerGroupEntry
 from minicache_client.errors import (
+    CacheError,
     InvalidArgumentError,
     NotFoundError,
     UnavailableError,
@@ -32,6 +33,7 @@ from minicache_client.policy import (
 )
 from minicache_client.protocol import requested_policy
 from minicache_client.results import LookupResult, PutResult, StatsResult
+from minicache_server import artifacts
 from minicache_server.domain import (
     PrefetchQuery,
     RestoredLayer,
@@ -90,12 +92,17 @@ class SequenceStore:
 
         Empty means the server's default (the operator may give it as a file path). A
         calibrated `default` serves the model it was calibrated for; any other model gets
-        the uncalibrated fallback (logged once per shape; Lookup shows which)."""
+        the uncalibrated fallback (logged once per shape; Lookup shows which).
+
+        A transform policy needs its calibration artifact here: FailedPreconditionError
+        naming the hash when the server lacks it or holds it corrupt, InvalidArgumentError
+        when it does not fit the model (`minicache_server.artifacts`)."""
         policy = requested_policy(name_or_json) if name_or_json else self.default_policy
         try:
             chosen = policy_for_model(policy, shape)
         except ValueError as exc:
             raise InvalidArgumentError(f"policy: {clipped(str(exc), 200)}") from None
+        artifacts.check_policy(chosen, shape)
         if chosen is not policy and shape not in self._fallback_logged:
             self._fallback_logged.add(shape)
             log.info(
@@ -107,6 +114,25 @@ class SequenceStore:
                 },
             )
         return chosen
+
+    async def load_artifacts(self, tenant: str, header: SequenceHeader) -> None:
+        """Read and verify, on a thread, the calibration artifact a write will need
+        (its policy's, or for an extension the sequence's), so that the write's checks on
+        the event loop find it in memory. What is wrong is left to those checks."""
+        if header.start_token == 0:
+            if not header.policy:
+                return  # the default policy's was loaded at start
+            try:
+                policy = requested_policy(header.policy)
+            except CacheError:
+                return
+        else:
+            ref = header.sequence
+            held = self.sequences.get((tenant, ref.model_id, ref.sequence_id))
+            if held is None:
+                return
+            policy = held.policy
+        await artifacts.preload(policy)
 
     def find(self, tenant: str, ref: SequenceRef) -> StoredSequence:
         sequence = self.sequences.get((tenant, ref.model_id, ref.sequence_id))

@@ -51,7 +51,9 @@ from minicache_client.errors import (
 )
 from minicache_client.policy import ModelShape
 from minicache_client.sequence_encoder import SequenceEncoder, check_finite
+from minicache_client.transform_artifact import ArtifactError
 from minicache_client.wire import LayerAssembler
+from minicache_server import artifacts
 from minicache_server.domain import LayerChunk, SequenceHeader
 from minicache_server.store.sequences import StoredSequence, sequence_label
 from minicache_server.tiers.base import EntryKey, TierUnavailableError
@@ -82,12 +84,15 @@ MAX_QUEUED_LAYERS = 2
 
 @contextlib.contextmanager
 def _tensor_errors() -> Iterator[None]:
-    """The engine's checks of the tensors (ValueError) as INVALID_ARGUMENT."""
+    """The engine's checks of the tensors (ValueError) as INVALID_ARGUMENT; a
+    calibration artifact that cannot be used as its refusal (FAILED_PRECONDITION)."""
     try:
         yield
     except ValueError as exc:
         if isinstance(exc, CacheError):
             raise
+        if isinstance(exc, ArtifactError):
+            raise artifacts.refusal(exc) from None
         raise InvalidArgumentError(str(exc)) from None
 
 
@@ -262,6 +267,9 @@ class PutSession:
             and self.store.resolve_policy(header.policy, ModelShape(*held)) != existing.policy
         ):
             raise InvalidArgumentError("an extension cannot change the sequence's policy")
+        # Its new tokens are encoded with the policy's artifact (after a restart, the
+        # server may no longer hold it): refused before anything changes.
+        artifacts.check_policy(existing.policy, ModelShape(*held))
         self.policy = existing.policy
 
     async def add_chunk(self, chunk: LayerChunk) -> None:

@@ -196,3 +196,19 @@ class StatsResponse(_message.Message):
     device_budget_bytes: int
     overflow_available: bool
     def __init__(self, sequences: _Optional[int] = ..., tokens: _Optional[int] = ..., device_bytes: _Optional[int] = ..., overflow_bytes: _Optional[int] = ..., fp16_bytes: _Optional[int] = ..., quota_bytes: _Optional[int] = ..., device_budget_bytes: _Optional[int] = ..., overflow_available: _Optional[bool] = ...) -> None: ...
+
+class GetArtifactRequest(_message.Message):
+    __slots__ = ("digest",)
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    def __init__(self, digest: _Optional[str] = ...) -> None: ...
+
+class GetArtifactResponse(_message.Message):
+    __slots__ = ("data", "total_bytes", "offset")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    total_bytes: int
+    offset: int
+    def __init__(self, data: _Optional[bytes] = ..., total_bytes: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...

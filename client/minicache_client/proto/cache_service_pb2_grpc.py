@@ -64,6 +64,11 @@ class CacheServiceStub:
                 request_serializer=minicache__client_dot_proto_dot_cache__service__pb2.StatsRequest.SerializeToString,
                 response_deserializer=minicache__client_dot_proto_dot_cache__service__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.GetArtifact = channel.unary_stream(
+                '/minicache.v1.CacheService/GetArtifact',
+                request_serializer=minicache__client_dot_proto_dot_cache__service__pb2.GetArtifactRequest.SerializeToString,
+                response_deserializer=minicache__client_dot_proto_dot_cache__service__pb2.GetArtifactResponse.FromString,
+                _registered_method=True)
 
 
 class CacheServiceServicer:
@@ -111,6 +116,17 @@ class CacheServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetArtifact(self, request, context):
+        """The calibration artifact of a transform policy (TransformPlan.artifact), by the
+        SHA-256 of its file, in pieces of bounded size: a client that restores the
+        compressed wire form needs it. Artifacts are model calibration, not tenant data:
+        any known token may fetch any artifact the server holds. NOT_FOUND when it holds
+        none of that hash, INVALID_ARGUMENT for a hash that is not 64 lowercase hex digits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +159,11 @@ def add_CacheServiceServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=minicache__client_dot_proto_dot_cache__service__pb2.StatsRequest.FromString,
                     response_serializer=minicache__client_dot_proto_dot_cache__service__pb2.StatsResponse.SerializeToString,
+            ),
+            'GetArtifact': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetArtifact,
+                    request_deserializer=minicache__client_dot_proto_dot_cache__service__pb2.GetArtifactRequest.FromString,
+                    response_serializer=minicache__client_dot_proto_dot_cache__service__pb2.GetArtifactResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +328,33 @@ class CacheService:
             '/minicache.v1.CacheService/Stats',
             minicache__client_dot_proto_dot_cache__service__pb2.StatsRequest.SerializeToString,
             minicache__client_dot_proto_dot_cache__service__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetArtifact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/minicache.v1.CacheService/GetArtifact',
+            minicache__client_dot_proto_dot_cache__service__pb2.GetArtifactRequest.SerializeToString,
+            minicache__client_dot_proto_dot_cache__service__pb2.GetArtifactResponse.FromString,
             options,
             channel_credentials,
             insecure,
