@@ -1,8 +1,8 @@
 """Hostile bytes against a real cache server, sent through a raw channel with identity
 serializers (what any gRPC implementation can send, not what our SDK builds): bytes that
 are no request message (truncated, random, invalid wire types), invalid UTF-8 in every
-string field, deeply nested and huge policies, puts that declare or stream more than
-the device budget, calls cancelled mid-stream. Each gets its documented code with
+string field, deeply nested and huge policies, hostile artifact hashes, puts that
+declare or stream more than the device budget, calls cancelled mid-stream. Each gets its documented code with
 details of bounded length, no ERROR log line and no traceback; afterwards the server is
 healthy and a sequence stored before comes back bit-exact. The oversized puts also run
 against a server process whose resident memory is read from /proc."""
@@ -55,6 +55,7 @@ SHAPES = {
     "Lookup": (False, False),
     "Delete": (False, False),
     "Stats": (False, False),
+    "GetArtifact": (False, True),
 }
 REQUEST_TYPES = {
     "Put": pb.PutRequest,
@@ -63,6 +64,7 @@ REQUEST_TYPES = {
     "Lookup": pb.LookupRequest,
     "Delete": pb.DeleteRequest,
     "Stats": pb.StatsRequest,
+    "GetArtifact": pb.GetArtifactRequest,
 }
 
 
@@ -137,6 +139,7 @@ VALID = {
     "Lookup": pb.LookupRequest(sequence=pb.SequenceRef(model_id=MODEL, sequence_id="x")),
     "Delete": pb.DeleteRequest(sequence=pb.SequenceRef(model_id=MODEL, sequence_id="x")),
     "Stats": pb.StatsRequest(),
+    "GetArtifact": pb.GetArtifactRequest(digest="0" * 64),
 }
 
 # Bytes that are no message of any request type.
@@ -177,8 +180,10 @@ PLACEHOLDER = "Q~Q"
 
 
 def _with_string(method: str, field: str) -> object:
-    """The method's request with string `field` ("model_id", "sequence_id", "policy")
-    set to PLACEHOLDER."""
+    """The method's request with string `field` ("model_id", "sequence_id", "policy",
+    "digest") set to PLACEHOLDER."""
+    if method == "GetArtifact":
+        return pb.GetArtifactRequest(digest=PLACEHOLDER)
     ids = {"model_id": MODEL, "sequence_id": "x", field: PLACEHOLDER}
     ref = pb.SequenceRef(model_id=ids["model_id"], sequence_id=ids["sequence_id"])
     policy = PLACEHOLDER if field == "policy" else "none"
@@ -196,6 +201,7 @@ STRING_FIELDS = {
     "Prefetch": ("model_id", "sequence_id"),
     "Lookup": ("model_id", "sequence_id"),
     "Delete": ("model_id", "sequence_id"),
+    "GetArtifact": ("digest",),
 }
 
 
@@ -413,9 +419,26 @@ ID_CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(POLICY_CASES) + list(ID_CASES))
+def artifact_call(digest: str) -> Callable[[Target], object]:
+    message = pb.GetArtifactRequest(digest=digest).SerializeToString()
+    return lambda target: target.call("GetArtifact", [message])
+
+
+DIGEST_CASES = {
+    f"GetArtifact-{name}": (artifact_call(digest), details)
+    for name, digest, details in (
+        ("long_digest", LONG_ID, "64 lowercase hex digits"),
+        ("huge_digest", HUGE_POLICY_NAME, "64 lowercase hex digits"),
+        ("uppercase_digest", "A" * 64, "64 lowercase hex digits"),
+        ("path_digest", "../" * 20 + "etc/passwd", "64 lowercase hex digits"),
+        ("unknown_digest", "0" * 64, "is not held"),
+    )
+}
+
+
+@pytest.mark.parametrize("name", list(POLICY_CASES) + list(ID_CASES) + list(DIGEST_CASES))
 def test_hostile_policy_or_id_is_refused_with_bounded_details(hostile: Target, name: str) -> None:
-    call, details = {**POLICY_CASES, **ID_CASES}[name]
+    call, details = {**POLICY_CASES, **ID_CASES, **DIGEST_CASES}[name]
     code = C.NOT_FOUND if details == "is not held" else C.INVALID_ARGUMENT
     got = refused(lambda: call(hostile), code, details)
     assert LONG_ID not in got and HUGE_POLICY_NAME[:400] not in got
