@@ -283,10 +283,11 @@ class ArtifactRegistry:
         if path not in self.directories:
             self.directories.insert(0, path)
 
-    def add(self, data: bytes, persist: bool = False) -> str:
-        """Verify and hold an artifact; its hash. `persist`: also write it to the
-        first writable directory."""
-        digest = artifact_digest(data)
+    def add(self, data: bytes, persist: bool = False, digest: str | None = None) -> str:
+        """Verify and hold an artifact; its hash. `digest`: the hash it must have (a
+        file's name, a fetched hash): CorruptArtifactError otherwise. `persist`: also
+        write it to the first writable directory."""
+        digest = digest or artifact_digest(data)
         artifact = decode_artifact(data, digest)
         with self._lock:
             self._loaded[digest] = (bytes(data), artifact)
@@ -321,11 +322,11 @@ class ArtifactRegistry:
                 continue
             except OSError as exc:
                 raise ArtifactError(f"cannot read artifact {path}: {exc}") from None
-            self.add(data)
+            self.add(data, digest=digest)
             return self._loaded[digest]
         if self.fetch is not None:
             data = self.fetch(digest)
-            self.add(data, persist=True)
+            self.add(data, persist=True, digest=digest)
             return self._loaded[digest]
         raise MissingArtifactError(digest)
 

@@ -183,6 +183,9 @@ CALLS: dict[str, Callable[[pb_grpc.CacheServiceStub, tuple], object]] = {
         pb.DeleteRequest(sequence=ref()), metadata=md, timeout=TIMEOUT
     ),
     "Stats": lambda stub, md: stub.Stats(pb.StatsRequest(), metadata=md, timeout=TIMEOUT),
+    "GetArtifact": lambda stub, md: list(
+        stub.GetArtifact(pb.GetArtifactRequest(digest="0" * 64), metadata=md, timeout=TIMEOUT)
+    ),
 }
 BAD_CREDENTIALS = {
     "no_token": (),
