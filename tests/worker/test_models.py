@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from minicache_worker.models import UnsupportedModelError, load_model, resolve_model_source
+from minicache_worker.models import (
+    UnsupportedModelError,
+    check_architecture,
+    load_model,
+    resolve_model_source,
+)
 
 
 def _config_dir(tmp_path: Path, **config: object) -> Path:
@@ -46,20 +51,48 @@ def test_non_llama_architecture_is_refused(tmp_path: Path) -> None:
         load_model(str(folder))
 
 
-def test_sliding_window_model_is_refused_with_the_reason(tmp_path: Path) -> None:
-    folder = _config_dir(
-        tmp_path,
-        model_type="mistral",
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_hidden_layers=2,
-        intermediate_size=128,
-        vocab_size=100,
-        sliding_window=16,
+def test_sliding_window_models_are_accepted() -> None:
+    """The compressed cache keeps every layer's history and the model masks sliding
+    layers by position (tests/worker/test_gemma3.py proves the logits equal)."""
+    from transformers import MistralConfig, Qwen2Config
+
+    check_architecture(MistralConfig(num_hidden_layers=2, sliding_window=16))
+    check_architecture(
+        Qwen2Config(
+            num_hidden_layers=4, use_sliding_window=True, sliding_window=16, max_window_layers=2
+        )
     )
-    with pytest.raises(UnsupportedModelError, match="sliding-window"):
-        load_model(str(folder))
+
+
+@pytest.mark.parametrize(
+    ("model_type", "reason"),
+    [
+        ("gemma3n", "KV sharing"),
+        ("gemma4", "different head size"),
+        ("deepseek_v3", "latent"),
+        ("mamba", "recurrent"),
+        ("bert", "not been checked"),
+    ],
+)
+def test_refused_model_types_say_why(model_type: str, reason: str) -> None:
+    class Config:
+        def get_text_config(self, decoder: bool = True) -> Config:
+            return self
+
+    config = Config()
+    config.model_type = model_type
+    with pytest.raises(UnsupportedModelError, match=reason) as refused:
+        check_architecture(config)
+    assert "supported types" in str(refused.value)
+
+
+def test_chunked_attention_is_refused_with_the_reason() -> None:
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(num_hidden_layers=2)
+    config.attention_chunk_size = 128
+    with pytest.raises(UnsupportedModelError, match="attention_chunk_size"):
+        check_architecture(config)
 
 
 def test_unreadable_config_is_a_clear_error(tmp_path: Path) -> None:
