@@ -39,6 +39,25 @@ from minicache_client.codecs.base import Codec, check_stored, concat_tokens
 from minicache_client.transform_artifact import ARTIFACTS, HASH_PATTERN, SideTransform
 
 KINDS = ("keys", "values")
+# Tokens are projected and restored in products of this many rows, aligned on the coded
+# token index: BLAS sums in an order that depends on the shape of the product (one row
+# goes through gemv, small products through other kernels), so a token's coefficients
+# would otherwise depend on which tokens shared its product (the block it was coded in,
+# the range restored).
+_TILE = 32
+
+
+def _tiled_product(rows: np.ndarray, first: int, matrix: np.ndarray) -> np.ndarray:
+    """float32 `rows @ matrix`, `rows[i]` being coded token `first + i`: every row is
+    computed at row `(first + i) % _TILE` of a `[_TILE, k] @ matrix` product, whatever
+    `first` and the number of rows."""
+    count = rows.shape[0]
+    lead = first % _TILE
+    tiles = -(-(lead + count) // _TILE)
+    padded = np.zeros((tiles * _TILE, rows.shape[1]), dtype=np.float32)
+    padded[lead : lead + count] = rows
+    product = np.matmul(padded.reshape(tiles, _TILE, -1), matrix)
+    return product.reshape(tiles * _TILE, -1)[lead : lead + count]
 
 
 def _grown(array: Any, value: int) -> np.ndarray:
@@ -153,7 +172,7 @@ class TransformCoded(Codec):
             )
         # [tokens, layers * heads * channels], the artifact's layout.
         vectors = to_numpy(exact).transpose(2, 0, 1, 3).reshape(count, -1)
-        coefficients = (vectors - side.mean) @ side.basis
+        coefficients = _tiled_product(vectors - side.mean, self.coded_tokens, side.basis)
         codes = np.rint(coefficients / side.step).astype(np.int32)
         data, peak = entropy.encode(codes, side.scales, coder)
         self.stream = np.concatenate([to_numpy(self.stream), np.frombuffer(data, dtype=np.uint8)])
@@ -201,7 +220,7 @@ class TransformCoded(Codec):
         restored = []
         for which in layer_positions:
             rows = slice(which * width, (which + 1) * width)
-            vectors = coefficients @ side.basis[rows].T + side.mean[rows]
+            vectors = _tiled_product(coefficients, start, side.basis[rows].T) + side.mean[rows]
             layer = vectors.reshape(end - start, self.kv_heads, self.head_dim).transpose(1, 0, 2)
             if self.kind == "keys":
                 layer = rope[which].rotate(layer, int(self.sink.shape[2]) + start)
