@@ -89,8 +89,15 @@ class TransformCoded(Codec):
             raise ValueError("transform codec needs its artifact's SHA-256 hash")
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
-        if self.layer_total < 1 or self.sink_capacity < 0 or self.window < 0:
-            raise ValueError("layer_total must be >= 1, sink_capacity and window >= 0")
+        for name, least in (
+            ("first_layer", 0),
+            ("layer_total", 1),
+            ("sink_capacity", 0),
+            ("window", 0),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
         xp = array_namespace(*(a for a in (self.sink, self.recent) if a is not None))
         empty = (self.layer_total, self.kv_heads, 0, self.head_dim)
         carrier = CARRIER_DTYPES[self.dtype]
