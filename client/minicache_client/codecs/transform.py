@@ -154,15 +154,22 @@ class TransformCoded(Codec):
     def append(self, chunk: Sequence[Any]) -> None:
         xp = array_namespace(*chunk)
         tokens = xp.stack(list(chunk))  # [layers, kv_heads, n, head_dim]
-        room = self.sink_capacity - int(self.sink.shape[2])
-        if room > 0:
-            self.sink = concat_tokens(self.sink, tokens[:, :, :room], axis=2)
-            tokens = tokens[:, :, room:]
-        if tokens.shape[2]:
-            self.recent = concat_tokens(self.recent, tokens, axis=2)
-        ready = int(self.recent.shape[2]) - self.window
-        if ready > 0:
-            self._code(ready)
+        # An append that fails (a missing or unfit artifact) leaves the codec as it was:
+        # the exact parts are only ever replaced by new arrays.
+        held = self.sink, self.recent
+        try:
+            room = self.sink_capacity - int(self.sink.shape[2])
+            if room > 0:
+                self.sink = concat_tokens(self.sink, tokens[:, :, :room], axis=2)
+                tokens = tokens[:, :, room:]
+            if tokens.shape[2]:
+                self.recent = concat_tokens(self.recent, tokens, axis=2)
+            ready = int(self.recent.shape[2]) - self.window
+            if ready > 0:
+                self._code(ready)
+        except BaseException:
+            self.sink, self.recent = held
+            raise
 
     def _code(self, count: int) -> None:
         """Code the first `count` tokens of `recent` as one block."""
