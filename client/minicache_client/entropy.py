@@ -102,4 +102,9 @@ def decode(data: Any, peak: int, tokens: int, scales: np.ndarray, coder: str) ->
             codes[:, columns] = np.asarray(symbols, dtype=np.int32).reshape(tokens, -1) - bound
     except Exception as exc:  # constriction raises its own error types
         raise ValueError(f"coded block does not decode: {exc}") from None
+    # A block that decodes to its codes and holds nothing more ends where its encoder
+    # began. rANS has no redundancy: bytes corrupted under a valid entry checksum (the
+    # guard of their content) mostly fail this, but not always.
+    if not stack.is_empty() or np.abs(codes).max(initial=0) > peak:
+        raise ValueError("coded block does not decode to its codes (corrupt stream or peak)")
     return codes
