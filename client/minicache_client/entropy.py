@@ -5,9 +5,11 @@ component modelled as a discretized Laplace distribution centred on 0 whose scal
 measured at calibration (`scales`, in steps). Components are put in buckets of similar
 scale (a ratio of 2^(1/4) between buckets, a fraction of a percent of rate lost), and
 each bucket's codes are coded with one table-driven categorical model, several times
-faster than a model evaluated per symbol. `zlib`: the codes as int8/int16 bytes,
-component-major, DEFLATE level 6; no model, kept as the measured alternative
-(deploy/benchmarks/compression_throughput.py compares them per byte and per second).
+faster than a model evaluated per symbol. `zlib`: the codes as int8/int16/int32 bytes
+(the narrowest that holds the block's peak), component-major, DEFLATE level 6; no
+model, kept as the measured alternative (deploy/benchmarks/compression_throughput.py
+compares them per byte and per second). `rans` stores a block whose peak is beyond
+`_RANS_MAX_PEAK` as `zlib` does.
 
 Codes are `[tokens, components]` int32. A coded block is bytes; its `peak` (the largest
 absolute code) is stored beside it and bounds the rANS alphabet.
@@ -28,6 +30,16 @@ _BUCKETS_PER_OCTAVE = 4
 # The smallest probability a model gives any symbol of its alphabet: a code the
 # calibration never saw still costs only ~40 bits, never fails.
 _FLOOR = 1e-12
+# A block whose largest code is beyond this is stored as zlib by the rans coder too: its
+# alphabet (2 * bound + 1 probabilities per bucket, each model cached) would take
+# seconds to build, megabytes to keep, and from about 2^22 cannot be normalized at all.
+# Only outliers far beyond what calibration saw get there.
+_RANS_MAX_PEAK = (1 << 12) - 1
+
+
+def _width(peak: int) -> type[np.signedinteger]:
+    """The integer type of a zlib block's codes."""
+    return np.int8 if peak < 1 << 7 else np.int16 if peak < 1 << 15 else np.int32
 
 
 def _buckets(scales: np.ndarray) -> list[tuple[int, np.ndarray]]:
@@ -61,9 +73,8 @@ def _model(level: int, bound: int) -> Any:
 def encode(codes: np.ndarray, scales: np.ndarray, coder: str) -> tuple[bytes, int]:
     """(bytes, peak) of int32 `codes [tokens, components]`."""
     peak = int(np.abs(codes).max(initial=0))
-    if coder == "zlib":
-        narrow = np.int8 if peak < 128 else np.int16
-        return zlib.compress(np.ascontiguousarray(codes.T, dtype=narrow).tobytes(), 6), peak
+    if coder == "zlib" or peak > _RANS_MAX_PEAK:
+        return zlib.compress(np.ascontiguousarray(codes.T, dtype=_width(peak)).tobytes(), 6), peak
     import constriction
 
     stack = constriction.stream.stack.AnsCoder()
@@ -79,9 +90,9 @@ def decode(data: Any, peak: int, tokens: int, scales: np.ndarray, coder: str) ->
     """int32 `[tokens, components]` from `encode`'s bytes. Raises ValueError on bytes
     that do not decode to that many codes."""
     components = int(scales.size)
-    if coder == "zlib":
+    if coder == "zlib" or peak > _RANS_MAX_PEAK:
         count = tokens * components
-        narrow = np.int8 if peak < 128 else np.int16
+        narrow = _width(peak)
         try:
             raw = zlib.decompress(bytes(data))
         except zlib.error as exc:
