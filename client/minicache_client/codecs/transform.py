@@ -187,7 +187,14 @@ class TransformCoded(Codec):
         # [tokens, layers * heads * channels], the artifact's layout.
         vectors = to_numpy(exact).transpose(2, 0, 1, 3).reshape(count, -1)
         coefficients = _tiled_product(vectors - side.mean, self.coded_tokens, side.basis)
-        codes = np.rint(coefficients / side.step).astype(np.int32)
+        steps = coefficients / np.float32(side.step)
+        # float32 below 2^31 rounds to an int32; beyond (or NaN), a cast would wrap.
+        if not (np.abs(steps) < 2.0**31).all():
+            raise ValueError(
+                "KV too far beyond the artifact's calibrated range: a transform code "
+                "does not fit 32 bits"
+            )
+        codes = np.rint(steps).astype(np.int32)
         data, peak = entropy.encode(codes, side.scales, coder)
         self.stream = np.concatenate([to_numpy(self.stream), np.frombuffer(data, dtype=np.uint8)])
         self.block_bytes = _grown(self.block_bytes, self.stream.size)
