@@ -66,7 +66,7 @@ class TransformSettings:
         0.25, "a component is kept when its standard deviation reaches this many steps"
     )
     coder: str = flag_field("rans", "entropy coder of the codes: rans or zlib")
-    group_sizes: tuple[int, ...] = (10, 15, 30)
+    group_sizes: tuple[int, ...] = (10, 15)
     key_steps: tuple[float, ...] = (0.25, 0.35, 0.5, 0.7, 1.0)
     value_steps: tuple[float, ...] = (0.6, 0.8, 1.0, 1.3, 1.7)
     recent_windows: tuple[int, ...] = (32, 16)
