@@ -230,6 +230,8 @@ def decode_artifact(data: bytes, digest: str | None = None) -> TransformArtifact
             f"artifact format version {version} is not supported (this build reads "
             f"version {ARTIFACT_VERSION}): calibrate again with this release"
         )
+    if bytes(data[5:8]) != bytes(3):
+        raise CorruptArtifactError("artifact header's reserved bytes are not zero")
     payload = memoryview(data)[_HEADER.size :]
     if xxhash.xxh3_64_intdigest(payload) != checksum:
         raise CorruptArtifactError("artifact checksum mismatch")
