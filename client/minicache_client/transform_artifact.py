@@ -118,7 +118,12 @@ class TransformArtifact:
         seen: set[int] = set()
         for group in self.groups:
             layers = group.layers
-            if not layers or seen & set(layers) or max(layers) >= self.shape.num_layers:
+            if (
+                not layers
+                or len(set(layers)) != len(layers)
+                or seen & set(layers)
+                or not 0 <= min(layers) <= max(layers) < self.shape.num_layers
+            ):
                 raise ArtifactError(f"artifact group {layers} overlaps or is out of range")
             seen |= set(layers)
             for side in (group.keys, group.values):
