@@ -325,7 +325,7 @@ class ArtifactRegistry:
                 if path.stat().st_size > MAX_ARTIFACT_BYTES:
                     raise CorruptArtifactError(f"artifact file {path} is too large")
                 data = path.read_bytes()
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):  # not there
                 continue
             except OSError as exc:
                 raise ArtifactError(f"cannot read artifact {path}: {exc}") from None
