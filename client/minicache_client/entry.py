@@ -259,12 +259,20 @@ def validate_entry(entry: LayerGroupEntry) -> None:
             sum(codec.layer_count for codec in side) == len(entry.layers),
             "codecs do not cover the entry's layers",
         )
+        position = 0
         for codec in side:
             _check(
                 (codec.kv_heads, codec.head_dim, codec.dtype)
                 == (entry.kv_heads, entry.head_dim, entry.dtype),
                 f"{codec.name} codec disagrees with its entry's shape or dtype",
             )
+            # A codec that names its layers (transform) must name the ones it covers.
+            covered = entry.layers[position : position + codec.layer_count]
+            _check(
+                getattr(codec, "layers", covered) == covered,
+                f"{codec.name} codec names layers other than its entry's",
+            )
+            position += codec.layer_count
             try:
                 codec.check()
             except (TypeError, ValueError, AttributeError, IndexError) as exc:
