@@ -1,4 +1,5 @@
-"""Compression policies: which adjacent layers merge (MiniCache) and how KV is quantized.
+"""Compression policies: which adjacent layers merge (MiniCache), how KV is quantized,
+and which layer groups are transform coded.
 
 A policy is a small JSON-serialisable value object. It is model-agnostic where it can
 be (the paper's rule "merge from layer L/2 on" works for any depth) and explicit where
@@ -9,7 +10,7 @@ Presets (see `PRESETS`): `none`, `paper` (exact paper defaults: S = L/2, t = 0.6
 γ = 0.05, most distinct tokens retained), `paper_kivi4` (the paper's headline setting:
 that merge on top of 4-bit KIVI), `average` (plain averaging, the paper's baseline),
 `kivi4`, `kivi2`, and `default` (the policy shipped after calibration on the bundled
-model; see docs/results.md).
+model: cross-layer transform coding, `TransformPlan`; see docs/results.md).
 """
 
 from __future__ import annotations
