@@ -46,7 +46,12 @@ from minicache_client.proto import cache_service_pb2_grpc as pb_grpc
 from minicache_client.protocol import ArtifactStream
 from minicache_client.serving.rpc_methods import MAX_DETAILS_BYTES
 from minicache_client.serving.settings import SettingsError
-from minicache_client.transform_artifact import ARTIFACTS, CorruptArtifactError
+from minicache_client.transform_artifact import (
+    ARTIFACT_SUFFIX,
+    ARTIFACTS,
+    BUNDLED_DIRECTORY,
+    CorruptArtifactError,
+)
 from minicache_server.service.server import start_server
 
 TIMEOUT = 10
@@ -453,7 +458,9 @@ def test_server_process_logs_the_artifacts_of_its_directory(
     ]
     assert records, server_process.log.read_text()[-2000:]
     assert records[0]["artifact_dir"] == str(server_process.directory)
-    assert records[0]["artifacts"] == 2
+    # Its directory's two, and the artifacts bundled with the SDK (the shipped default's).
+    bundled = len(list(BUNDLED_DIRECTORY.glob(f"*{ARTIFACT_SUFFIX}")))
+    assert records[0]["artifacts"] == 2 + bundled
 
 
 def test_server_process_refuses_what_its_directory_lacks_or_holds_corrupt(
