@@ -5,7 +5,10 @@ several GQA shapes and chunkings, against the rules every codec keeps (codecs/ba
 entry.py, docs/design.md sections 3 and 5):
 
 - appending token by token, or in uneven chunks, stores exactly what one chunk stores
-  (the same encoding, so the same restore), unsealed and sealed at the same token;
+  (the same encoding, so the same restore), unsealed and sealed at the same token; a
+  row whose codec stores its blocks as the tokens arrived (`Row.chunked_blocks`: the
+  transform codec codes each append's tokens as one block) restores bit-exactly what
+  one chunk restores instead;
 - lossless rows restore bit-exactly; every row restores into another dtype as its
   float32 restore narrowed to that dtype;
 - a merged pair retains the units its retention side asks for, and restores them
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import struct
 import zlib
@@ -37,6 +41,7 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kv_samples import KV_DTYPES, as_float32, assert_bit_equal, random_kv
+from transform_samples import sample_artifact, transform_policy
 
 from minicache_client.array_namespace import CARRIER_DTYPES, narrow_from_float32, widen_to_float32
 from minicache_client.codecs import (
@@ -47,6 +52,7 @@ from minicache_client.codecs import (
     MergedPair,
     RawStream,
     SlerpMerge,
+    TransformCoded,
 )
 from minicache_client.codecs.slerp_merge import distance_threshold, retained_mask, slerp_merge
 from minicache_client.entry import (
@@ -71,27 +77,32 @@ from minicache_client.policy import (
 )
 from minicache_client.restore import restore_group, restore_layer
 from minicache_client.sequence_encoder import SequenceEncoder
+from minicache_client.transform_artifact import ARTIFACTS
 
 # -- rows: codec configurations -----------------------------------------------------------
 
-Build = Callable[[int, int, str], Codec]
+Build = Callable[..., Codec]
 
 
 @dataclass(frozen=True)
 class Row:
-    """`build(kv_heads, head_dim, dtype)`: a new, empty codec of this configuration."""
+    """`build(kv_heads, head_dim, dtype, kind="keys")`: a new, empty codec of this
+    configuration for one side (`kind`: "keys" or "values")."""
 
     build: Build
     # Restores every token bit-exactly.
     lossless: bool = False
+    # The stored blocks follow the appends (each append's tokens coded as one block):
+    # other chunkings store other encodings that restore bit-exactly the same tensors.
+    chunked_blocks: bool = False
 
 
-def raw(kv_heads: int, head_dim: int, dtype: str) -> Codec:
+def raw(kv_heads: int, head_dim: int, dtype: str, kind: str = "keys") -> Codec:
     return RawStream(kv_heads, head_dim, dtype)
 
 
 def kivi(bits: int, mode: str, *, sink: int = 0, window: int = 0) -> Build:
-    def build(kv_heads: int, head_dim: int, dtype: str) -> Codec:
+    def build(kv_heads: int, head_dim: int, dtype: str, kind: str = "keys") -> Codec:
         return KiviStream(
             kv_heads,
             head_dim,
@@ -108,8 +119,44 @@ def kivi(bits: int, mode: str, *, sink: int = 0, window: int = 0) -> Build:
 
 
 def pair(merge: PairMerge, direction: Build) -> Build:
-    def build(kv_heads: int, head_dim: int, dtype: str) -> Codec:
-        return CODECS[merge.method].for_pair(merge, direction(kv_heads, head_dim, dtype))
+    def build(kv_heads: int, head_dim: int, dtype: str, kind: str = "keys") -> Codec:
+        return CODECS[merge.method].for_pair(merge, direction(kv_heads, head_dim, dtype, kind))
+
+    return build
+
+
+@functools.cache
+def transform_artifact(kv_heads: int, head_dim: int, layers: int, coder: str, rank: int) -> str:
+    """The hash of a random artifact with one group of `layers` layers, registered."""
+    dim = layers * kv_heads * head_dim
+    return sample_artifact(
+        num_layers=layers,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        groups=(tuple(range(layers)),),
+        coder=coder,
+        rank_fraction=min(rank, dim) / dim,
+    )[1]
+
+
+def transform(
+    coder: str, *, layers: int = 2, sink: int = 2, window: int = 4, rank: int = 192
+) -> Build:
+    """`rank`: components kept (all of them in groups of fewer dimensions): the rules
+    hold at any rank, and a full-rank basis of the larger shapes (8 x 128 x 2 layers)
+    would only make the matrix slower."""
+
+    def build(kv_heads: int, head_dim: int, dtype: str, kind: str = "keys") -> Codec:
+        return TransformCoded(
+            kv_heads,
+            head_dim,
+            dtype,
+            artifact=transform_artifact(kv_heads, head_dim, layers, coder, rank),
+            kind=kind,
+            layer_total=layers,
+            sink_capacity=sink,
+            window=window,
+        )
 
     return build
 
@@ -145,6 +192,13 @@ def codec_rows() -> dict[str, Row]:
             rows[f"{merge_name}_{direction_name}"] = Row(
                 pair(merge, direction), lossless=every_unit_retained
             )
+    rows["transform_rans"] = Row(transform("rans"), chunked_blocks=True)
+    rows["transform_zlib_no_sink_no_window"] = Row(
+        transform("zlib", sink=0, window=0), chunked_blocks=True
+    )
+    rows["transform_rans_3_layers_low_rank"] = Row(
+        transform("rans", layers=3, sink=3, window=7, rank=24), chunked_blocks=True
+    )
     return rows
 
 
@@ -227,7 +281,7 @@ def encode(
     `thresholds`: the retention thresholds to start from (keys, values), as another
     entry fixed them."""
     heads, dim, _ = SHAPES[shape]
-    codecs = [ROWS[row].build(heads, dim, dtype) for _ in range(2)]
+    codecs = [ROWS[row].build(heads, dim, dtype, kind) for kind in ("keys", "values")]
     for codec, threshold in zip(codecs, thresholds or [None, None], strict=True):
         if threshold is not None:
             codec.threshold = threshold
@@ -269,6 +323,17 @@ def assert_same_entry(actual: LayerGroupEntry, expected: LayerGroupEntry) -> Non
     assert_same_restores(actual, expected)
 
 
+def assert_stores_like(row: str, chunked: LayerGroupEntry, whole: LayerGroupEntry) -> None:
+    """`chunked`, fed the tokens of `whole` in other chunks, stores what it stores: the
+    same encoding, or (`Row.chunked_blocks`) other blocks restoring the same tensors."""
+    if not ROWS[row].chunked_blocks:
+        assert_same_entry(chunked, whole)
+        return
+    assert (chunked.tokens, chunked.frozen_tokens) == (whole.tokens, whole.frozen_tokens)
+    assert_same_restores(chunked, whole)
+    assert_same_restores(decode_entry(encode_entry(chunked)), whole)
+
+
 # -- the registry is covered --------------------------------------------------------------
 
 
@@ -305,11 +370,11 @@ def test_chunked_appends_store_what_one_chunk_stores(
     whole = one_chunk(row, dtype, shape)
     chunks = CHUNKINGS[chunking](tokens)
     chunked = encode(row, dtype, shape, chunks, thresholds=thresholds_of(whole))
-    assert_same_entry(chunked, whole)
+    assert_stores_like(row, chunked, whole)
     for entry in (whole, chunked):
         for codec in entry.codecs():
             codec.seal()
-    assert_same_entry(chunked, whole)
+    assert_stores_like(row, chunked, whole)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
@@ -327,7 +392,7 @@ def test_chunking_does_not_matter_beyond_the_float16_range(
     chunked = encode(
         row, dtype, shape, CHUNKINGS[chunking](tokens), thresholds=thresholds_of(whole), wide=True
     )
-    assert_same_entry(chunked, whole)
+    assert_stores_like(row, chunked, whole)
     restored = restore_group(whole, dtype="float32")
     assert all(np.isfinite(tensor).all() for _, *tensors in restored for tensor in tensors)
 
@@ -345,7 +410,7 @@ def test_appends_after_a_seal_store_what_one_chunk_after_it_stores(row: str, dty
         for token in range(prefix, tokens):
             codec.append([layer[:, token : token + 1] for layer in layers])
     assert whole.tokens == tokens
-    assert_same_entry(stepwise, whole)
+    assert_stores_like(row, stepwise, whole)
 
 
 @pytest.mark.parametrize("row", sorted(ROWS))
@@ -699,6 +764,17 @@ def test_structurally_inconsistent_entries_are_corrupt_never_another_error(row: 
         assert_corrupt_or_restorable(reencoded(data, change), what)
 
 
+@pytest.mark.parametrize("row", rows_where(lambda codec: hasattr(codec, "first_layer")))
+def test_a_codec_naming_other_layers_than_its_entry_is_corrupt(row: str) -> None:
+    # A transform codec names its layers: another group's (whose transform the
+    # artifact may well hold) would restore with the wrong transform.
+    data = encoded_row(row)
+    for side in ("keys", "values"):
+        for first in (1, 3, 2**40):
+            with pytest.raises(CorruptEntryError):
+                decode_entry(reencoded(data, set_at((side, 0, "first_layer"), first)))
+
+
 @pytest.mark.parametrize("row", sorted(ROWS))
 def test_an_unknown_codec_is_corrupt(row: str) -> None:
     def unknown(meta: dict) -> None:
@@ -795,6 +871,30 @@ CUSTOM_POLICIES = {
         ),
     )
 }
+_TRANSFORM_PLAN = transform_policy(
+    sample_artifact(
+        POLICY_LAYERS,
+        POLICY_HEADS,
+        POLICY_DIM,
+        groups=((0, 1, 2), (7, 8)),
+        coder="zlib",
+        step=0.25,
+        seed=30,
+    )[1],
+    groups=((0, 1, 2), (7, 8)),
+    sink_tokens=3,
+    window=5,
+).transform
+CUSTOM_POLICIES["transform_kivi4"] = CompressionPolicy(
+    "transform_kivi4",
+    transform=_TRANSFORM_PLAN,
+    quantization=Quantization(4, 4, key_group_size=16, value_group_size=16, sink_tokens=2),
+)
+CUSTOM_POLICIES["transform_paper"] = CompressionPolicy(
+    "transform_paper",
+    transform=_TRANSFORM_PLAN,
+    merge=MergePlan(start_layer=16, retention=Retention(gamma=0.05)),
+)
 POLICIES = {**{name: PRESETS[name] for name in PRESET_NAMES}, **CUSTOM_POLICIES}
 
 
@@ -811,9 +911,35 @@ def policy_layers(name: str, dtype: str) -> list[tuple[np.ndarray, np.ndarray]]:
     ]
 
 
+def transform_bounds(
+    codec: TransformCoded, layers: list[tuple[np.ndarray, np.ndarray]], dtype: str
+) -> np.ndarray:
+    """Per token, the most a layer of `codec`'s group may be off after a restore: half
+    a step per kept component, plus what the artifact's basis misses of the token (its
+    dropped components: most of a random token for a calibrated, low-rank basis), times
+    the RoPE scale for keys, plus 16-bit rounding."""
+    artifact = ARTIFACTS.get(codec.artifact)
+    side = artifact.group_for(codec.layers)[1].side(codec.kind)
+    index = ("keys", "values").index(codec.kind)
+    wide = [as_float32(layers[layer][index], dtype) for layer in codec.layers]
+    if codec.kind == "keys":
+        wide = [
+            artifact.rope[layer].rotate(x, 0, inverse=True)
+            for layer, x in zip(codec.layers, wide, strict=True)
+        ]
+    vectors = np.stack(wide).transpose(2, 0, 1, 3).reshape(wide[0].shape[1], -1)
+    residual = vectors.astype(np.float64) - side.mean
+    basis = side.basis.astype(np.float64)
+    missed = np.linalg.norm(residual - (residual @ basis) @ basis.T, axis=1)
+    scale = max(1.0, *(artifact.rope[layer].attention_scaling for layer in codec.layers))
+    return scale * (1.01 * side.step / 2 * math.sqrt(side.rank) + missed) + 0.1
+
+
 def error_bound(policy: CompressionPolicy, kind: str, layer: int, codec: Codec) -> str:
     if isinstance(codec, MergedPair):
         return "merged"
+    if isinstance(codec, TransformCoded):
+        return "transform"
     bits = policy.quantization.bits_for(kind, layer) if policy.quantization else None
     return "exact" if bits is None else f"bits{bits}"
 
@@ -865,6 +991,15 @@ def test_policy_end_to_end(name: str, dtype: str) -> None:
             bound = error_bound(policy, kind, layer, codec)
             if bound == "exact":
                 assert_bit_equal(result, original)
+            elif bound == "transform":
+                # Sink and window exact; a coded token within its quantization cell
+                # and what the basis misses of it.
+                sink, recent = codec.sink_capacity, tokens - codec.window
+                assert_bit_equal(result[:, :sink], original[:, :sink])
+                assert_bit_equal(result[:, recent:], original[:, recent:])
+                per_token = np.linalg.norm(x - x_hat, axis=(0, 2))
+                assert (per_token <= transform_bounds(codec, layers, dtype)).all()
+                assert np.abs(x - x_hat)[:, sink:recent].max() > 0
             elif bound.startswith("bits"):
                 # Loose: one whole step of the head's full range (plus 16-bit rounding).
                 levels = (1 << int(bound[4:])) - 1

@@ -14,10 +14,19 @@ from minicache_client.policy import (
     CompressionPolicy,
     LayerBits,
     MergePlan,
+    ModelShape,
     PairMerge,
     Quantization,
     Retention,
+    TransformPlan,
     load_policy,
+    policy_for_model,
+    request_policy,
+)
+from minicache_client.transform_artifact import (
+    ARTIFACT_SUFFIX,
+    BUNDLED_DIRECTORY,
+    decode_artifact,
 )
 
 CUSTOM = CompressionPolicy(
@@ -264,10 +273,20 @@ def test_default_preset_is_shipped_and_named_default() -> None:
     assert "default" in PRESETS
     default = PRESETS["default"]
     assert default.name == "default"
-    assert default.quantization is not None or default.merge is not None
+    assert any(
+        part is not None for part in (default.quantization, default.merge, default.transform)
+    )
+    if default.transform is not None:
+        # Its artifact ships in the SDK, under its hash, and verifies.
+        digest = default.transform.artifact
+        bundled = BUNDLED_DIRECTORY / f"{digest}{ARTIFACT_SUFFIX}"
+        artifact = decode_artifact(bundled.read_bytes(), digest)
+        assert artifact.shape == default.calibrated_for
+        for group in default.transform.groups:
+            artifact.group_for(group)
     assert default.min_num_layers <= 30  # calibrated for the bundled model's 30 layers
     assert len(default.resolve_layer_groups(30)) <= 30
-    assert default.description.startswith("calibrated on smollm2")
+    assert "calibrated on smollm2" in default.description
 
 
 def test_min_num_layers_counts_every_named_layer() -> None:
@@ -276,3 +295,168 @@ def test_min_num_layers_counts_every_named_layer() -> None:
     with pytest.raises(ValueError):
         CUSTOM.resolve_layer_groups(CUSTOM.min_num_layers - 1)
     assert CUSTOM.resolve_layer_groups(CUSTOM.min_num_layers)
+
+
+# -- transform plans ----------------------------------------------------------------------------
+
+DIGEST = "0123456789abcdef" * 4
+
+
+def test_a_transform_plan_holds_its_groups_as_tuples() -> None:
+    plan = TransformPlan(DIGEST, [[0, 1, 2], [5, 6]], sink_tokens=0, window=0)
+    assert plan.groups == ((0, 1, 2), (5, 6))
+    assert plan.layers == {0, 1, 2, 5, 6}
+    assert (plan.sink_tokens, plan.window) == (0, 0)
+    defaults = TransformPlan(DIGEST, ((3,),))
+    assert (defaults.sink_tokens, defaults.window) == (16, 32)
+
+
+@pytest.mark.parametrize(
+    "artifact",
+    [
+        "",
+        DIGEST[:-1],
+        DIGEST + "0",
+        DIGEST.upper(),
+        "g" + DIGEST[1:],
+        " " + DIGEST[1:],
+        None,
+        7,
+        DIGEST.encode(),
+    ],
+)
+def test_a_transform_plan_names_its_artifact_by_sha256(artifact) -> None:
+    with pytest.raises(ValueError, match="SHA-256 hash in hex"):
+        TransformPlan(artifact, ((0, 1),))
+
+
+@pytest.mark.parametrize(
+    ("groups", "message"),
+    [
+        ((), "non-empty layer groups"),
+        (((0, 1), ()), "non-empty layer groups"),
+        (((0, 1), (1, 2)), "overlap"),
+        (((0, 1), (0, 1)), "overlap"),
+        (((2, 2),), "overlap"),
+        (((0, 2),), "consecutive layers, got \\(0, 2\\)"),
+        (((3, 2),), "consecutive layers"),
+        (((0, 1), (4, 3, 5)), "consecutive layers"),
+        (((-1, 0),), "transform group layer must be >= 0"),
+        (((0, 1.0),), "an integer"),
+        (((True, 2),), "an integer"),
+        (((0, "1"),), "an integer"),
+    ],
+)
+def test_invalid_transform_groups_are_refused(groups, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TransformPlan(DIGEST, groups)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"sink_tokens": -1}, "transform sink_tokens must be >= 0"),
+        ({"window": -1}, "transform window must be >= 0"),
+        ({"window": 2.0}, "an integer"),
+        ({"sink_tokens": None}, "an integer"),
+    ],
+)
+def test_invalid_transform_counts_are_refused(fields, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TransformPlan(DIGEST, ((0, 1),), **fields)
+
+
+def test_transform_groups_resolve_among_merges_and_single_layers() -> None:
+    policy = CompressionPolicy(
+        "mixed",
+        transform=TransformPlan(DIGEST, ((5, 6), (0, 1, 2))),
+        merge=MergePlan(pairs=(PairMerge(3), PairMerge(8))),
+        quantization=Quantization(4, 4),
+    )
+    groups = policy.resolve_layer_groups(11)
+    assert [group.layers for group in groups] == [
+        (0, 1, 2),
+        (3, 4),
+        (5, 6),
+        (7,),
+        (8, 9),
+        (10,),
+    ]
+    for group in groups:
+        is_transformed = group.layers in policy.transform.groups
+        assert (group.transform is policy.transform) == is_transformed
+        assert group.merge is None or not is_transformed
+    assert not policy.stores_raw
+    assert policy.min_num_layers == 10  # pair (8, 9)
+    assert CompressionPolicy(transform=TransformPlan(DIGEST, ((0, 1),))).min_num_layers == 2
+
+
+@pytest.mark.parametrize(
+    "merge",
+    [
+        MergePlan(pairs=(PairMerge(2),)),  # (2, 3) meets group (0, 1, 2)
+        MergePlan(pairs=(PairMerge(4),)),  # (4, 5) meets group (5, 6)
+        MergePlan(start_layer=4),  # (4, 5), (6, 7), ...
+    ],
+)
+def test_a_layer_cannot_be_both_merged_and_transform_coded(merge: MergePlan) -> None:
+    policy = CompressionPolicy(transform=TransformPlan(DIGEST, ((0, 1, 2), (5, 6))), merge=merge)
+    with pytest.raises(ValueError, match="both merged and transform coded"):
+        policy.resolve_layer_groups(12)
+    assert policy.unfit_reason(ModelShape(12, 2, 64)) is not None
+
+
+def test_transform_groups_beyond_the_model_are_refused() -> None:
+    policy = CompressionPolicy("deep", transform=TransformPlan(DIGEST, ((0, 1), (27, 28, 29))))
+    assert len(policy.resolve_layer_groups(30)) == 27
+    with pytest.raises(ValueError, match="transform groups name layers up to 29; the model has 29"):
+        policy.resolve_layer_groups(29)
+    assert policy.min_num_layers == 30
+    assert policy_for_model(policy, ModelShape(30, 3, 64)) is policy
+    with pytest.raises(ValueError, match="up to 29"):
+        policy_for_model(policy, ModelShape(24, 2, 64))
+
+
+def test_a_transform_policy_round_trips_through_json() -> None:
+    policy = CompressionPolicy(
+        "transform_json",
+        transform=TransformPlan(DIGEST, ((0, 1, 2), (5, 6)), sink_tokens=4, window=0),
+        quantization=Quantization(4, 2, window=8),
+        calibrated_for=ModelShape(30, 3, 64),
+        description="transform coded groups",
+    )
+    text = policy.to_json()
+    plain = json.loads(text)
+    assert plain["transform"] == {
+        "artifact": DIGEST,
+        "groups": [[0, 1, 2], [5, 6]],
+        "sink_tokens": 4,
+        "window": 0,
+    }
+    restored = CompressionPolicy.from_json(text)
+    assert restored == policy
+    assert restored.transform.groups == ((0, 1, 2), (5, 6))
+    assert CompressionPolicy.from_dict(policy.to_dict()) == policy
+    assert request_policy(text) == policy
+    assert CompressionPolicy.from_json(CompressionPolicy("plain").to_json()).transform is None
+
+
+@pytest.mark.parametrize(
+    ("transform", "message"),
+    [
+        ({"groups": [[0, 1]]}, "malformed compression policy"),  # no artifact
+        ({"artifact": DIGEST}, "malformed compression policy"),  # no groups
+        ({"artifact": DIGEST, "groups": [[0, 1]], "depth": 2}, "malformed compression policy"),
+        ({"artifact": DIGEST, "groups": 3}, "malformed compression policy"),
+        ({"artifact": DIGEST, "groups": [3]}, "malformed compression policy"),
+        ({"artifact": DIGEST, "groups": [[0, 2]]}, "consecutive layers"),
+        ({"artifact": DIGEST, "groups": [[0, 1.5]]}, "an integer"),
+        ({"artifact": DIGEST.upper(), "groups": [[0, 1]]}, "SHA-256"),
+        ({"artifact": DIGEST, "groups": [[0, 1]], "window": -4}, "window must be >= 0"),
+        ([1, 2], "malformed compression policy"),
+        (7, "malformed compression policy"),
+    ],
+)
+def test_malformed_transform_json_raises_value_error(transform, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        CompressionPolicy.from_json(json.dumps({"name": "x", "transform": transform}))
