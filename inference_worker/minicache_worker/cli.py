@@ -537,7 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--plot",
         type=Path,
         metavar="PATH",
-        help="PNG of every trial's ratio against perplexity increase (needs matplotlib)",
+        help="PNG of every trial's ratio against perplexity increase (needs matplotlib; "
+        "default: not written)",
     )
     _add_settings(transform, TransformSettings, TRANSFORM_FLAGS)
     _add_progress(transform)

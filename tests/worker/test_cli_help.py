@@ -24,7 +24,7 @@ from minicache_client.serving.settings import MASK
 from minicache_worker import cli
 from minicache_worker.worker_settings import WorkerSettings
 
-COMMANDS = ["serve", "demo", "eval", "calibrate"]
+COMMANDS = ["serve", "demo", "eval", "calibrate", "calibrate-transform"]
 WORKER = str(Path(sys.executable).with_name("minicache-worker"))
 CACHE_TOKEN = "cache-token-of-the-workers-0123456789"
 CALLER_TOKEN = "caller-token-of-tenant-a-9876543210"
@@ -44,7 +44,7 @@ def _wide_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_top_level_help_lists_every_command_and_is_not_cut(capsys) -> None:
     text = _help([], capsys)
-    listed = re.search(r"\{([a-z,]+)\}", text)
+    listed = re.search(r"\{([a-z,-]+)\}", text)
     assert listed is not None and listed.group(1).split(",") == COMMANDS
     description = " ".join(text.split("positional arguments:")[0].split("\n\n", 1)[1].split())
     assert description == (
