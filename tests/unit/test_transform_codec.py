@@ -181,18 +181,21 @@ def assert_same_restores(actual: TransformCoded, expected: TransformCoded) -> No
 # -- chunking ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("code_block", (1, CODE_BLOCK))
 @pytest.mark.parametrize("chunking", sorted(CHUNKINGS))
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", KV_DTYPES)
 @pytest.mark.parametrize("coder", CODERS)
 def test_appends_in_any_chunks_restore_what_one_chunk_restores(
-    coder: str, dtype: str, kind: str, chunking: str
+    coder: str, dtype: str, kind: str, chunking: str, code_block: int
 ) -> None:
     layers = sample(1, dtype)
-    whole = fed(new_codec(coder, kind, dtype), layers, [TOKENS])
-    chunked = fed(new_codec(coder, kind, dtype), layers, CHUNKINGS[chunking](TOKENS))
+    build = functools.partial(new_codec, coder, kind, dtype, code_block=code_block)
+    whole = fed(build(), layers, [TOKENS])
+    chunked = fed(build(), layers, CHUNKINGS[chunking](TOKENS))
     assert (chunked.tokens, chunked.frozen_tokens) == (whole.tokens, whole.frozen_tokens)
-    assert whole.coded_tokens == TOKENS - SINK - WINDOW
+    past_window = TOKENS - SINK - WINDOW
+    assert whole.coded_tokens == past_window - past_window % code_block
     # Other blocks...
     assert whole.block_tokens.size == 1 < chunked.block_tokens.size
     # ...holding the same codes, and the same exact tokens.
@@ -203,6 +206,32 @@ def test_appends_in_any_chunks_restore_what_one_chunk_restores(
     assert_same_restores(chunked, decode_entry(encode_entry(entry_of(whole, whole))).keys[0])
 
 
+@pytest.mark.parametrize("code_block", (1, 3, CODE_BLOCK))
+def test_a_seal_codes_every_token_past_the_window(code_block: int) -> None:
+    # Sealed after a prefill, then decoded token by token (sealing again at the end):
+    # the same codes and restores as one sealed chunk, wherever the blocks fall.
+    layers = sample(21, "bfloat16")
+    build = functools.partial(new_codec, "rans", "keys", "bfloat16", code_block=code_block)
+    whole = fed(build(), layers, [TOKENS])
+    whole.seal()
+    assert whole.coded_tokens == TOKENS - SINK - WINDOW
+    assert whole.frozen_tokens == TOKENS - WINDOW
+    stepwise = fed(build(), layers, [21])
+    stepwise.seal()
+    assert stepwise.coded_tokens == 21 - SINK - WINDOW
+    fed(stepwise, [layer[:, 21:] for layer in layers], [1] * (TOKENS - 21))
+    past_window = TOKENS - 21
+    assert stepwise.coded_tokens == 21 - SINK - WINDOW + past_window - past_window % code_block
+    stepwise.seal()
+    stepwise.seal()  # nothing more to code
+    np.testing.assert_array_equal(stored_codes(stepwise), stored_codes(whole))
+    assert_same_restores(stepwise, whole)
+    # A seal with nothing past the window codes nothing.
+    short = fed(build(), layers, [SINK + WINDOW])
+    short.seal()
+    assert short.coded_tokens == 0 and short.block_tokens.size == 0
+
+
 @settings(max_examples=15, deadline=None)
 @given(chunks=st.lists(st.integers(0, 9), min_size=1, max_size=40))
 def test_any_chunking_codes_the_same(chunks: list[int]) -> None:
@@ -210,8 +239,11 @@ def test_any_chunking_codes_the_same(chunks: list[int]) -> None:
     chunks = [*chunks, 40]
     ends = np.minimum(np.cumsum(chunks), 40)
     sizes = np.diff(ends, prepend=0).tolist()
-    whole = fed(new_codec("rans", "keys", "bfloat16", group=0), layers, [40])
-    chunked = fed(new_codec("rans", "keys", "bfloat16", group=0), layers, sizes)
+    whole = fed(new_codec("rans", "keys", "bfloat16", group=0, code_block=CODE_BLOCK), layers, [40])
+    chunked = fed(
+        new_codec("rans", "keys", "bfloat16", group=0, code_block=CODE_BLOCK), layers, sizes
+    )
+    assert (chunked.tokens, chunked.frozen_tokens) == (whole.tokens, whole.frozen_tokens)
     np.testing.assert_array_equal(stored_codes(chunked), stored_codes(whole))
     assert_same_restores(chunked, whole)
 
@@ -629,6 +661,8 @@ def structural_changes(codec: TransformCoded):
     yield "recent of another dtype", lambda c: setattr(c, "recent", c.recent.astype(np.float32))
     yield "layer_total 0", lambda c: setattr(c, "layer_total", 0)
     yield "a negative window", lambda c: setattr(c, "window", -1)
+    for value in (0, -8, None, 8.0, True):
+        yield f"code_block={value!r}", lambda c, value=value: setattr(c, "code_block", value)
     yield "kind 'queries'", lambda c: setattr(c, "kind", "queries")
     yield "artifact hash in capitals", lambda c: setattr(c, "artifact", c.artifact.upper())
     for value in (None, -1, 0.5, "0", [0], True):
