@@ -131,13 +131,23 @@ class LayerGroupEncoder:
             raise ValueError("keys and values differ in token count")
         if count == 0:
             return
-        for kind, chunk in zip(KINDS, (keys, values), strict=True):
-            position = 0
-            for codec in getattr(self.entry, kind):
-                part = chunk[position : position + codec.layer_count]
-                if not (owned and codec.adopt(part)):
-                    codec.append(part)
-                position += codec.layer_count
+        # A codec may still refuse its part (a transform code beyond 32 bits): then every
+        # codec of the group is rolled back, so that keys and values keep one length.
+        codecs = self.entry.codecs()
+        refusing = any(codec.may_refuse for codec in codecs)
+        snapshots = [(codec, codec.snapshot()) for codec in codecs] if refusing else []
+        try:
+            for kind, chunk in zip(KINDS, (keys, values), strict=True):
+                position = 0
+                for codec in getattr(self.entry, kind):
+                    part = chunk[position : position + codec.layer_count]
+                    if not (owned and codec.adopt(part)):
+                        codec.append(part)
+                    position += codec.layer_count
+        except BaseException:
+            for codec, snapshot in snapshots:
+                codec.roll_back(snapshot)
+            raise
 
     def seal(self) -> None:
         """End of a bulk put: close partial blocks. Later appends start new ones."""

@@ -232,3 +232,28 @@ def test_rejected_partner_keeps_the_waiting_layer(problem: str) -> None:
     encoder.put_layer(4, kv(seed=1), kv(seed=1))
     assert encoder.entry_for(3).tokens == 3
     encoder.seal()
+
+
+def test_a_refused_group_append_rolls_back_keys_and_values() -> None:
+    # The values of this chunk are far outside the artifact's range: their transform
+    # codes do not fit 32 bits. The keys, appended first, are rolled back too.
+    from transform_samples import sample_artifact, transform_policy
+
+    from minicache_client.entry import encode_entry
+
+    _, digest = sample_artifact()
+    encoder = SequenceEncoder(
+        transform_policy(digest), num_layers=4, kv_heads=2, head_dim=16, dtype="float32"
+    )
+    rng = np.random.default_rng(1)
+    for layer in range(4):
+        keys, values = (rng.standard_normal((2, 20, 16)).astype(np.float32) for _ in range(2))
+        encoder.put_layer(layer, keys, values, seal=True)
+    before = [encode_entry(entry) for entry in encoder.entries]
+    keys = rng.standard_normal((2, 10, 16)).astype(np.float32)
+    values = 1e12 * rng.standard_normal((2, 10, 16)).astype(np.float32)
+    encoder.put_layer(0, keys, values)
+    with pytest.raises(ValueError, match="32 bits"):
+        encoder.put_layer(1, keys, values, seal=True)
+    assert [encode_entry(entry) for entry in encoder.entries] == before
+    assert encoder.entries[0].tokens == 20

@@ -105,6 +105,9 @@ class Codec(ABC):
     name: ClassVar[str]
     # Layers of the group one instance holds: 1 for stream codecs, 2 for pair merges.
     layer_count: ClassVar[int] = 1
+    # Whether `append` may refuse valid finite KV (the encoder then snapshots the group
+    # first, to roll every codec back; see `snapshot`).
+    may_refuse: ClassVar[bool] = False
 
     kv_heads: int
     head_dim: int
@@ -166,6 +169,24 @@ class Codec(ABC):
             elif is_codec(value):
                 found.extend(value.arrays())
         return found
+
+    def snapshot(self) -> dict[str, Any]:
+        """The stored fields as they are now (nested codecs' too), for `roll_back`: an
+        append replaces arrays or writes behind the held tokens, never inside them."""
+        return {
+            name: value.snapshot() if is_codec(value) else value
+            for name in self.field_names()
+            for value in (getattr(self, name),)
+        }
+
+    def roll_back(self, snapshot: dict[str, Any]) -> None:
+        """Undo the appends since `snapshot` was taken."""
+        for name, value in snapshot.items():
+            held = getattr(self, name)
+            if is_codec(held):
+                held.roll_back(value)
+            else:
+                setattr(self, name, value)
 
     def map_arrays(self, convert) -> None:
         """Replace every array with `convert(array)`, in place (nested codecs too)."""

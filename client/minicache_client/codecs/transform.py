@@ -73,6 +73,8 @@ def _grown(array: Any, value: int) -> np.ndarray:
 @dataclass
 class TransformCoded(Codec):
     name: ClassVar[str] = "transform"
+    # A code beyond 32 bits (KV far outside the calibrated range) is refused.
+    may_refuse: ClassVar[bool] = True
 
     kv_heads: int
     head_dim: int
