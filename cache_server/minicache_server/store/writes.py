@@ -415,7 +415,7 @@ async def commit_extension(store: SequenceStore, session: PutSession) -> StoredS
 
 
 # An extension of at most this many tokens (a decode step or a few) is applied on the
-# event loop: less work than a trip to a thread costs.
+# event loop: less work than a trip to a thread costs (except with a transform policy).
 INLINE_EXTENSION_TOKENS = 16
 
 
@@ -452,7 +452,10 @@ async def _extend_in_place(
         except TierUnavailableError as exc:
             raise UnavailableError(f"the device tier is full and {exc}") from None
         entries = [device.peek(key, touch=True) for key in keys]
-        if session.end - session.start <= INLINE_EXTENSION_TOKENS:
+        # A transform policy codes a block of tokens every few steps (products over a
+        # basis of megabytes): never on the loop.
+        small = session.end - session.start <= INLINE_EXTENSION_TOKENS
+        if small and sequence.policy.transform is None:
             _apply(session, sequence, entries)
         else:
             await asyncio.to_thread(_apply, session, sequence, entries)
