@@ -29,6 +29,16 @@ SUPPORTED = LLAMA_LIKE | GEMMA3
 # The layer kinds whose cache is plain attention KV.
 ATTENTION_KINDS = {"full_attention", "sliding_attention"}
 
+# Gemma's turn format (its chat template, without the system-turn folding), for Gemma-3
+# GGUF files that carry no template (e.g. the pretrained google/gemma-3-270m): the
+# needle prompts and the worker's chat turns need one.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<start_of_turn>"
+    "{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{{ message['content'] | trim }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
 # Why some known architectures are still refused.
 REFUSED = {
     "gemma": "not checked against MiniCache yet (Gemma-1 KV is standard, but no test covers it)",
@@ -155,6 +165,9 @@ def load_model(spec: str = "smollm2", dtype: str = "float32") -> LoadedModel:
         ) from exc
     check_architecture(config)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    text_type = config.get_text_config(decoder=True).model_type
+    if getattr(tokenizer, "chat_template", None) is None and text_type in GEMMA3:
+        tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
     model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype), **kwargs)
     model.eval()
     text = model.config.get_text_config(decoder=True)

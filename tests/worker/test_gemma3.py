@@ -32,6 +32,7 @@ from transformers.models.gemma3.modeling_gemma3 import apply_rotary_pos_emb
 from minicache_client.policy import PRESETS
 from minicache_worker.evaluation import EvalSettings, Evaluator, SequenceRun
 from minicache_worker.models import (
+    GEMMA3_CHAT_TEMPLATE,
     LoadedModel,
     UnsupportedModelError,
     check_architecture,
@@ -178,6 +179,28 @@ def test_layer_kinds_of_models_without_layer_types() -> None:
     assert layer_kinds(_loaded(llama)) == (F, F)
 
 
+def test_gemma3_fallback_chat_template_is_gemmas_turn_format() -> None:
+    import jinja2
+
+    rendered = (
+        jinja2.Environment()
+        .from_string(GEMMA3_CHAT_TEMPLATE)
+        .render(
+            bos_token="<bos>",
+            add_generation_prompt=True,
+            messages=[
+                {"role": "user", "content": "Hi "},
+                {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "Key?"},
+            ],
+        )
+    )
+    assert rendered == (
+        "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n"
+        "<start_of_turn>user\nKey?<end_of_turn>\n<start_of_turn>model\n"
+    )
+
+
 # -- RoPE tables per layer kind ---------------------------------------------------------
 
 
@@ -310,6 +333,8 @@ def gemma() -> LoadedModel:
 @pytest.mark.model
 def test_gemma3_shape_kinds_and_rope(gemma) -> None:
     assert (gemma.num_layers, gemma.kv_heads, gemma.head_dim) == (18, 1, 256)
+    # The GGUF carries no chat template: Gemma's turn format is set (needle prompts).
+    assert gemma.tokenizer.chat_template == GEMMA3_CHAT_TEMPLATE
     kinds = layer_kinds(gemma)
     assert [layer for layer, kind in enumerate(kinds) if kind == F] == [5, 11, 17]
     config = gemma.model.config
