@@ -30,9 +30,11 @@ def server():
 
 @pytest.fixture(scope="module")
 def client(server):
-    # Chunks far below a layer's size: every layer crosses several messages.
+    # Chunks far below a layer's size: every layer crosses several messages. A long
+    # deadline: the transform default codes random KV (large codes) on a CPU that CI
+    # may share with other jobs.
     with CacheClient(
-        ClientConfig(target=server.address, insecure=True, max_chunk_bytes=64 * 1024)
+        ClientConfig(target=server.address, insecure=True, max_chunk_bytes=64 * 1024, timeout_s=120)
     ) as client:
         yield client
 
