@@ -16,6 +16,7 @@ model: cross-layer transform coding, `TransformPlan`; see docs/results.md).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -227,7 +228,8 @@ class Quantization:
         return bits.key_bits if kind == "keys" else bits.value_bits
 
 
-ARTIFACT_HASH_LENGTH = 64
+# A calibration artifact's name: its SHA-256, in lowercase hex (transform_artifact.py).
+ARTIFACT_HASH = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -248,9 +250,7 @@ class TransformPlan:
 
     def __post_init__(self) -> None:
         _require(
-            isinstance(self.artifact, str)
-            and len(self.artifact) == ARTIFACT_HASH_LENGTH
-            and all(c in "0123456789abcdef" for c in self.artifact),
+            isinstance(self.artifact, str) and ARTIFACT_HASH.fullmatch(self.artifact) is not None,
             f"transform artifact must be a SHA-256 hash in hex, got {str(self.artifact)[:80]!r}",
         )
         groups = tuple(tuple(group) for group in self.groups)

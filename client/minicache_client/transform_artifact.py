@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import struct
 import threading
 from collections.abc import Callable, Iterable
@@ -34,14 +33,14 @@ import numpy as np
 import xxhash
 
 from minicache_client.entropy import CODERS
-from minicache_client.policy import ModelShape
+from minicache_client.policy import ARTIFACT_HASH, ModelShape
 from minicache_client.rope import RopeTable
 
 ARTIFACT_MAGIC = b"MCTA"
 ARTIFACT_VERSION = 1
 ARTIFACT_SUFFIX = ".mcta"
 _HEADER = struct.Struct("<4sB3xQ")
-HASH_PATTERN = re.compile(r"[0-9a-f]{64}")
+HASH_PATTERN = ARTIFACT_HASH
 BUNDLED_DIRECTORY = Path(__file__).with_name("artifacts")
 # Artifact files are small next to a model (megabytes); a larger one is refused before
 # it is read.

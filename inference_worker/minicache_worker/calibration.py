@@ -205,6 +205,21 @@ class CalibrationScorer:
         ]
         return CalibrationWindow(prefix_kv, ids[context:])
 
+    def stored_prefix(
+        self, policy: CompressionPolicy, window: CalibrationWindow
+    ) -> SequenceEncoder:
+        """The window's prefix KV stored (sealed) under `policy`."""
+        store = SequenceEncoder(
+            policy,
+            num_layers=self.lm.num_layers,
+            kv_heads=self.lm.kv_heads,
+            head_dim=self.lm.head_dim,
+            dtype=STORE_DTYPE,
+        )
+        for layer, (keys, values) in enumerate(window.prefix_kv):
+            store.put_layer(layer, keys, values, seal=True)
+        return store
+
     @torch.inference_mode()
     def _perplexity(self, policy: CompressionPolicy) -> tuple[float, float, int, float]:
         """(perplexity, compression ratio, stored bytes, mean KL from the full cache)
@@ -212,15 +227,7 @@ class CalibrationScorer:
         nll, count, stored, fp16, kl = 0.0, 0, 0, 0, 0.0
         recording = not self.reference
         for index, window in enumerate(self.windows):
-            store = SequenceEncoder(
-                policy,
-                num_layers=self.lm.num_layers,
-                kv_heads=self.lm.kv_heads,
-                head_dim=self.lm.head_dim,
-                dtype=STORE_DTYPE,
-            )
-            for layer, (keys, values) in enumerate(window.prefix_kv):
-                store.put_layer(layer, keys, values, seal=True)
+            store = self.stored_prefix(policy, window)
             stored += store.stored_bytes()
             fp16 += store.fp16_bytes()
             cache = CompressedCache(store, self.lm.num_layers, seal_chunks=False)

@@ -31,7 +31,6 @@ import numpy as np
 
 from minicache_client.policy import CompressionPolicy, TransformPlan
 from minicache_client.rope import RopeTable
-from minicache_client.sequence_encoder import SequenceEncoder
 from minicache_client.transform_artifact import (
     ARTIFACTS,
     GroupTransform,
@@ -40,7 +39,6 @@ from minicache_client.transform_artifact import (
     encode_artifact,
 )
 from minicache_worker.calibration import CalibrationScorer, CalibrationSettings, Measurement
-from minicache_worker.compressed_cache import STORE_DTYPE
 from minicache_worker.evaluation import PhaseBar, flag_field, no_bar
 from minicache_worker.models import LoadedModel, layer_kinds, rope_tables
 
@@ -317,15 +315,7 @@ def calibrate_transform(
             return ratios[point]
         stored = fp16 = 0
         for window in search.windows:
-            encoder = SequenceEncoder(
-                build(point)[1],
-                num_layers=lm.num_layers,
-                kv_heads=lm.kv_heads,
-                head_dim=lm.head_dim,
-                dtype=STORE_DTYPE,
-            )
-            for layer, (keys, values) in enumerate(window.prefix_kv):
-                encoder.put_layer(layer, keys, values, seal=True)
+            encoder = search.stored_prefix(build(point)[1], window)
             stored += encoder.stored_bytes()
             fp16 += encoder.fp16_bytes()
         ratios[point] = fp16 / stored
