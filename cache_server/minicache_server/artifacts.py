@@ -24,9 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from minicache_client.errors import (
     CacheError,
@@ -77,22 +75,11 @@ def refusal(error: ArtifactError, digest: str | None = None) -> CacheError:
     return FailedPreconditionError(f"{named}: {detail}")
 
 
-def _looked_up(lookup: Callable[[str], Any], digest: str) -> Any:
-    """`lookup(digest)` (the registry's `get` or `data`), a file named `<digest>.mcta`
-    whose bytes hash to another name raising CorruptArtifactError: the registry as it
-    is raises KeyError for one (it verifies the file against the hash of its bytes,
-    not of its name, then looks the name up)."""
-    try:
-        return lookup(digest)
-    except KeyError:
-        raise CorruptArtifactError(f"artifact {digest} does not hash to its name") from None
-
-
 def require(digest: str, registry: ArtifactRegistry = ARTIFACTS) -> TransformArtifact:
     """The artifact of `digest`, verified; FailedPreconditionError naming the hash when
     the server lacks it or holds it corrupt."""
     try:
-        return _looked_up(registry.get, digest)
+        return registry.get(digest)
     except ArtifactError as exc:
         raise refusal(exc, digest) from None
 
@@ -130,7 +117,7 @@ async def preload(policy: CompressionPolicy, registry: ArtifactRegistry = ARTIFA
     plan = policy.transform
     if plan is not None:
         with contextlib.suppress(ArtifactError):
-            await asyncio.to_thread(_looked_up, registry.get, plan.artifact)
+            await asyncio.to_thread(registry.get, plan.artifact)
 
 
 async def artifact_bytes(digest: str, registry: ArtifactRegistry = ARTIFACTS) -> bytes:
@@ -140,7 +127,7 @@ async def artifact_bytes(digest: str, registry: ArtifactRegistry = ARTIFACTS) ->
     except ArtifactError as exc:
         raise InvalidArgumentError(str(exc)) from None
     try:
-        return await asyncio.to_thread(_looked_up, registry.data, digest)
+        return await asyncio.to_thread(registry.data, digest)
     except MissingArtifactError:
         raise NotFoundError(f"calibration artifact {digest} is not held by this server") from None
     except ArtifactError as exc:
