@@ -25,7 +25,7 @@ from minicache_client.errors import (
     UnavailableError,
 )
 from minicache_client.results import LookupResult, PutResult, StatsResult
-from minicache_client.sharding import ShardedCacheClient
+from minicache_client.sharding import ShardedCacheClient, UnreachableServerError
 from minicache_client.worker_client import (
     Conversation,
     GeneratedToken,
@@ -59,5 +59,6 @@ __all__ = [
     "TurnResult",
     "UnauthenticatedError",
     "UnavailableError",
+    "UnreachableServerError",
     "WorkerClient",
 ]

@@ -7,10 +7,15 @@ wins. Adding a server moves only the sequences it now wins, about 1/n of them;
 removing one moves only its own.
 
 A cache is allowed to miss: a read (`prefetch`, `prefetch_layers`, `lookup`) whose server
-is down or does not answer within the deadline raises `NotFoundError` ("miss: server X is
-unavailable"), so the caller recomputes the KV exactly as for a sequence never written.
-Writes (`put`, `open_put`, `append`, `delete`) raise the `UnavailableError` or
-`DeadlineExceededError` itself: the caller decides whether to go on without the cache.
+is down or does not answer within the deadline raises `UnreachableServerError`, a
+`NotFoundError` ("miss: server X is unavailable"), so the caller recomputes the KV
+exactly as for a sequence never written; one that wants to tell the two apart (to count
+outages) catches the subclass. Writes (`put`, `open_put`, `append`, `delete`) raise the
+`UnavailableError` or `DeadlineExceededError` itself: the caller decides whether to go on
+without the cache.
+
+Calibration artifacts are addressed by their content, not placed: `get_artifact` asks
+the servers one after another (the digest's rendezvous order) until one has the file.
 """
 
 from __future__ import annotations
@@ -30,9 +35,21 @@ from minicache_client.errors import (
     UnavailableError,
 )
 from minicache_client.results import LookupResult, PutResult, StatsResult
+from minicache_client.transform_artifact import ARTIFACTS, ArtifactRegistry
 
 # Errors of a server that cannot answer: for a read, a cache miss.
 UNREACHABLE = (UnavailableError, DeadlineExceededError)
+
+
+class UnreachableServerError(NotFoundError):
+    """A read whose server could not answer (down, or past the deadline): a miss, since
+    the caller recomputes either way. `server` is its target; `cause` the
+    `UnavailableError` or `DeadlineExceededError` of the call."""
+
+    def __init__(self, server: str, cause: CacheError) -> None:
+        super().__init__(f"miss: server {server} is unavailable ({cause})")
+        self.server = server
+        self.cause = cause
 
 
 def _length_prefixed(*parts: str) -> bytes:
@@ -74,6 +91,8 @@ class ShardedCacheClient:
             raise ValueError(f"configs name the same server more than once: {duplicates}")
         self.servers = tuple(targets)
         self._clients: dict[str, CacheClient] = {}
+        # The registry that fetches through this client (`use_for_artifacts`).
+        self._artifact_registry: ArtifactRegistry | None = None
         try:
             for config in configs:
                 self._clients[config.target] = CacheClient(config)
@@ -82,6 +101,11 @@ class ShardedCacheClient:
             raise
 
     def close(self) -> None:
+        """Close every server's channel; a registry that fetched through this client
+        stops."""
+        registry, self._artifact_registry = self._artifact_registry, None
+        if registry is not None and registry.fetch == self.get_artifact:
+            registry.fetch = None
         for client in self._clients.values():
             client.close()
 
@@ -99,8 +123,8 @@ class ShardedCacheClient:
         return self._clients[self.server_for(model_id, sequence_id)]
 
     @staticmethod
-    def _miss(server: str, exc: CacheError) -> NotFoundError:
-        return NotFoundError(f"miss: server {server} is unavailable ({exc})")
+    def _miss(server: str, exc: CacheError) -> UnreachableServerError:
+        return UnreachableServerError(server, exc)
 
     def put(self, model_id: str, sequence_id: str, layers: Any, **put_args: Any) -> PutResult:
         """`CacheClient.put` on the sequence's server."""
@@ -172,3 +196,33 @@ class ShardedCacheClient:
             except UNREACHABLE:
                 statuses[server] = "UNAVAILABLE"
         return statuses
+
+    def get_artifact(self, digest: str, **call_args: Any) -> bytes:
+        """`CacheClient.get_artifact` from the first server, in the digest's rendezvous
+        order, that holds the file: one that lacks it or cannot answer passes to the
+        next. NotFoundError when none of them has it (saying how many could not
+        answer); a malformed hash or a corrupt file raises at once."""
+        order = sorted(
+            self.servers,
+            key=lambda server: (rendezvous_score(server, "", digest), server),
+            reverse=True,
+        )
+        unreachable: list[str] = []
+        for server in order:
+            try:
+                return self._clients[server].get_artifact(digest, **call_args)
+            except UNREACHABLE:
+                unreachable.append(server)
+            except NotFoundError:
+                continue
+        cannot_answer = f"; {', '.join(unreachable)} could not answer" if unreachable else ""
+        raise NotFoundError(
+            f"no cache server holds the artifact {digest}"
+            f" ({len(self.servers)} asked{cannot_answer})"
+        )
+
+    def use_for_artifacts(self, registry: ArtifactRegistry = ARTIFACTS) -> None:
+        """As `CacheClient.use_for_artifacts`: `registry` (default: the process's)
+        fetches the artifacts it lacks through `get_artifact`, until `close()`."""
+        registry.fetch = self.get_artifact
+        self._artifact_registry = registry

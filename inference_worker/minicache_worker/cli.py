@@ -2,7 +2,7 @@
 calibration of compression policies.
 
     minicache-worker demo
-    minicache-worker serve --cache-target 127.0.0.1:50051 --cache-insecure --insecure
+    minicache-worker serve --cache-targets 127.0.0.1:50051 --cache-insecure --insecure
     minicache-worker serve --print-config
     minicache-worker eval --model smollm2 --policy default --json out.json
     minicache-worker eval --model smollm2 --policy all --json all.json --plot pareto.png

@@ -155,7 +155,7 @@ def start_cluster(stack: ExitStack, args: argparse.Namespace, workdir: Path) -> 
         "MINICACHE_WORKER_METRICS_LISTEN": "",
         "MINICACHE_WORKER_MODEL": args.model,
         "MINICACHE_WORKER_KV_DTYPE": args.kv_dtype,
-        "MINICACHE_WORKER_CACHE_TARGET": f"127.0.0.1:{cache_port}",
+        "MINICACHE_WORKER_CACHE_TARGETS": f"127.0.0.1:{cache_port}",
         "MINICACHE_WORKER_CACHE_TOKEN": token,
         "MINICACHE_WORKER_CACHE_INSECURE": "1",
         "MINICACHE_WORKER_INSECURE": "1",

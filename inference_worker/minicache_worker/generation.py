@@ -21,14 +21,15 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from minicache_client import (
-    CacheClient,
     CacheError,
     CorruptDataError,
     NotFoundError,
+    UnreachableServerError,
 )
 from minicache_worker.models import LoadedModel
 from minicache_worker.service_cache import (
     HistoryUnavailableError,
+    KVClient,
     LayerFeed,
     SequenceWriter,
     ServiceCache,
@@ -91,6 +92,8 @@ class TurnSummary:
 def recompute_reason(error: BaseException) -> RecomputeReason:
     if isinstance(error, HistoryUnavailableError):
         error = error.cause
+    if isinstance(error, UnreachableServerError):  # an outage, not an absent sequence
+        return RecomputeReason.UNAVAILABLE
     if isinstance(error, NotFoundError):
         return RecomputeReason.MISS
     if isinstance(error, CorruptDataError):
@@ -110,7 +113,7 @@ class TurnGenerator:
     def __init__(
         self,
         lm: LoadedModel,
-        client: CacheClient | None,
+        client: KVClient | None,
         *,
         model_id: str | None = None,
         kv_dtype: str | None = None,

@@ -31,10 +31,14 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from minicache_client import CacheClient, CacheError
+from minicache_client import CacheClient, CacheError, ShardedCacheClient
 from minicache_client.tensors import to_torch
 
 log = logging.getLogger(__name__)
+
+# What the worker reads and writes KV through: the sharded client the worker service
+# builds (one server or several), or one server's client; the calls are the same.
+KVClient = CacheClient | ShardedCacheClient
 
 
 def token_digest(tokens: Sequence[int]) -> bytes:
@@ -62,7 +66,7 @@ class LayerFeed:
 
     def __init__(
         self,
-        client: CacheClient,
+        client: KVClient,
         model_id: str,
         sequence_id: str,
         *,
@@ -135,7 +139,7 @@ class SequenceWriter:
 
     def __init__(
         self,
-        client: CacheClient,
+        client: KVClient,
         model_id: str,
         sequence_id: str,
         *,

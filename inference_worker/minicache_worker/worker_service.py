@@ -33,7 +33,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from minicache_client import CacheClient, CacheError, InvalidArgumentError
+from minicache_client import CacheError, InvalidArgumentError, ShardedCacheClient
 from minicache_client.policy import ModelShape, policy_for_model
 from minicache_client.proto import worker_service_pb2 as pb
 from minicache_client.proto import worker_service_pb2_grpc as pb_grpc
@@ -298,7 +298,7 @@ class WorkerServer:
     health: health.HealthServicer
     metrics: WorkerMetrics
     metrics_http: ThreadingHTTPServer | None
-    cache_client: CacheClient | None
+    cache_client: ShardedCacheClient | None
     settings: WorkerSettings
 
     @property
@@ -379,8 +379,9 @@ def start_worker(settings: WorkerSettings, lm: LoadedModel | None = None) -> Wor
             check_policy(servicer.default_policy, lm.shape)
         except ValueError as exc:
             raise SettingsError(f"{env_name('default_policy')}: {exc}") from None
-        cache_config = settings.cache_client_config()
-        cache_client = CacheClient(cache_config) if cache_config is not None else None
+        # One code path for any number of cache servers: one is a shard set of one.
+        cache_configs = settings.cache_client_configs()
+        cache_client = ShardedCacheClient(cache_configs) if cache_configs else None
         servicer.generator = TurnGenerator(
             lm,
             cache_client,
@@ -415,7 +416,7 @@ def start_worker(settings: WorkerSettings, lm: LoadedModel | None = None) -> Wor
             "model": lm.name,
             "model_id": generator.model_id,
             "kv_dtype": generator.kv_dtype,
-            "cache_target": settings.cache_target or None,
+            "cache_targets": list(settings.cache_target_list),
             "residency": settings.residency,
             "tls": credentials is not None,
             "tenants": len(set(auth.token_tenants.values())),

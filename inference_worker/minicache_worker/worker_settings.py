@@ -31,6 +31,8 @@ from minicache_client.serving.settings import (
 RESIDENCIES = ("local", "remote")
 TENANT = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 KV_DTYPES = ("", "float32", "float16", "bfloat16")
+# The single-server setting that `cache_targets` replaced.
+RETIRED_CACHE_TARGET = "MINICACHE_WORKER_CACHE_TARGET"
 # The proto's bound on GenerateRequest.max_new_tokens.
 MAX_NEW_TOKENS_CEILING = 4096
 
@@ -69,15 +71,18 @@ class WorkerSettings:
         metavar="NAME",
     )
     # The cache service.
-    cache_target: str = setting(
+    cache_targets: str = setting(
         "",
-        "the cache service, host:port; empty: no cache service, each turn recomputes its "
-        "history with a plain local cache",
-        metavar="HOST:PORT",
+        "the cache servers, a comma-separated list of host:port (one entry a server); each "
+        "session lives on one of them, picked by rendezvous hashing of the model id and "
+        "session id, so workers that share sessions list the same servers, spelled the "
+        "same (the order does not matter); empty: no cache service, each turn recomputes "
+        "its history with a plain local cache",
+        metavar="HOST:PORT,...",
     )
     cache_token: str = setting(
         "",
-        "bearer token presented to the cache service (prefer --cache-token-file: env and "
+        "bearer token presented to every cache server (prefer --cache-token-file: env and "
         "arguments are visible to ps)",
         metavar="TOKEN",
         secret=True,
@@ -90,12 +95,12 @@ class WorkerSettings:
     )
     cache_tls_ca: str = setting(
         "",
-        "PEM CA certificate of the cache service: talk to it over TLS",
+        "PEM CA certificate of the cache servers: talk to them over TLS",
         metavar="PATH",
     )
     cache_insecure: bool = setting(
         False,
-        "talk to the cache service in plaintext; with --cache-target, exactly one of "
+        "talk to the cache servers in plaintext; with --cache-targets, exactly one of "
         "--cache-tls-ca and --cache-insecure",
     )
     cache_timeout_s: float = setting(
@@ -209,9 +214,9 @@ class WorkerSettings:
                 "empty when cache_token_file is set (give one of them)",
             ),
             (
-                not self.cache_target or bool(self.cache_tls_ca) != self.cache_insecure,
+                not self.cache_targets.strip() or bool(self.cache_tls_ca) != self.cache_insecure,
                 "cache_insecure",
-                "1 when cache_tls_ca is empty (plaintext to the cache service), 0 otherwise",
+                "1 when cache_tls_ca is empty (plaintext to the cache servers), 0 otherwise",
             ),
         ]
         for ok, name, expected in checks:
@@ -234,8 +239,13 @@ class WorkerSettings:
                 load_policy(self.default_policy)
             except ValueError as exc:
                 raise SettingsError(f"{env_name('default_policy')}: {exc}") from None
-        if self.cache_target:
-            self.cache_client_config()  # a bad target stops start-up, not the first turn
+        try:
+            parse_cache_targets(self.cache_targets)
+        except ValueError as exc:
+            raise SettingsError(
+                f"{env_name('cache_targets')} ({flag_name('cache_targets')}): {exc}"
+            ) from None
+        self.cache_client_configs()  # a bad target stops start-up, not the first turn
 
     @property
     def has_tokens(self) -> bool:
@@ -253,23 +263,59 @@ class WorkerSettings:
             return self.default_policy
         return load_policy(self.default_policy).to_json()
 
-    def cache_client_config(self) -> ClientConfig | None:
-        """The cache service's client settings; None without a cache target."""
-        if not self.cache_target:
-            return None
+    @property
+    def cache_target_list(self) -> tuple[str, ...]:
+        """The cache servers' targets, in the order given (empty: no cache service)."""
+        return parse_cache_targets(self.cache_targets)
+
+    def cache_client_configs(self) -> tuple[ClientConfig, ...]:
+        """One client configuration per cache server, each with the same TLS CA, token
+        and deadline; empty without cache targets."""
+        targets = self.cache_target_list
+        if not targets:
+            return ()
         token = self.cache_token
         if self.cache_token_file:
             token = Path(self.cache_token_file).read_text().strip()
         try:
-            return ClientConfig(
-                self.cache_target,
-                token=token,
-                tls_ca=self.cache_tls_ca,
-                insecure=self.cache_insecure,
-                timeout_s=self.cache_timeout_s,
+            return tuple(
+                ClientConfig(
+                    target,
+                    token=token,
+                    tls_ca=self.cache_tls_ca,
+                    insecure=self.cache_insecure,
+                    timeout_s=self.cache_timeout_s,
+                )
+                for target in targets
             )
         except ValueError as exc:
-            raise SettingsError(f"{env_name('cache_target')} and related: {exc}") from None
+            raise SettingsError(f"{env_name('cache_targets')} and related: {exc}") from None
+
+
+def parse_cache_targets(text: str) -> tuple[str, ...]:
+    """The targets of a comma-separated "host:port,..." list (spaces around an entry
+    ignored); "" is none. ValueError for an empty entry, a duplicate, or an entry that
+    is not host:port with a port in 1..65535."""
+    if not text.strip():
+        return ()
+    targets = tuple(entry.strip() for entry in text.split(","))
+    for target in targets:
+        if not target:
+            raise ValueError(
+                f"an empty entry in {text!r}: give host:port entries separated by commas"
+            )
+        host, sep, port = target.rpartition(":")
+        if (
+            not sep
+            or not host.strip("[]")
+            or not (port.isascii() and port.isdigit())
+            or not 1 <= int(port) <= 65535
+        ):
+            raise ValueError(f"{target!r} must be host:port with a port in 1..65535")
+    duplicates = sorted({target for target in targets if targets.count(target) > 1})
+    if duplicates:
+        raise ValueError(f"each server once: {', '.join(duplicates)} appears more than once")
+    return targets
 
 
 def settings_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -284,6 +330,12 @@ def settings_from(
 ) -> WorkerSettings:
     """Settings from parsed flags over env vars (`environ`, default os.environ)."""
     environ = os.environ if environ is None else environ
+    if RETIRED_CACHE_TARGET in environ:
+        # Ignoring it would start a worker without its cache service, silently.
+        raise SettingsError(
+            f"{RETIRED_CACHE_TARGET} was replaced by {env_name('cache_targets')}, a "
+            "comma-separated list of host:port (one entry for one server): rename it"
+        )
     return WorkerSettings(**setting_values(WorkerSettings, args, environ, env_name))
 
 

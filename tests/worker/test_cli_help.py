@@ -101,7 +101,7 @@ def test_serve_print_config_masks_secrets_and_exits(tmp_path: Path) -> None:
         ["serve", "--print-config", "--cache-insecure", "--max-queue", "3"],
         {
             "MINICACHE_WORKER_INSECURE": "true",
-            "MINICACHE_WORKER_CACHE_TARGET": "127.0.0.1:50051",
+            "MINICACHE_WORKER_CACHE_TARGETS": "127.0.0.1:50051,127.0.0.1:50052",
             "MINICACHE_WORKER_CACHE_TOKEN": CACHE_TOKEN,
             "MINICACHE_WORKER_TOKENS_FILE": str(tokens_file),
             "MINICACHE_WORKER_TOKENS": f"{CALLER_TOKEN}=tenant-a",
@@ -115,7 +115,7 @@ def test_serve_print_config_masks_secrets_and_exits(tmp_path: Path) -> None:
     assert config["cache_token"] == MASK
     assert config["tokens"] == MASK
     assert config["tokens_file"] == str(tokens_file)
-    assert config["cache_target"] == "127.0.0.1:50051"
+    assert config["cache_targets"] == "127.0.0.1:50051,127.0.0.1:50052"
     assert config["cache_insecure"] is True and config["insecure"] is True
     assert config["max_queue"] == 3
     assert config["max_new_tokens_limit"] == 4096  # a number, though named "tokens"

@@ -88,7 +88,7 @@ def kv_server() -> Iterator[ServerThread]:
 
 @pytest.fixture(scope="module")
 def cached_worker_settings(kv_server: ServerThread) -> WorkerSettings:
-    return worker_settings(cache_target=kv_server.address, cache_insecure=True)
+    return worker_settings(cache_targets=kv_server.address, cache_insecure=True)
 
 
 @pytest.fixture(scope="module")
@@ -366,7 +366,7 @@ def guarded_worker(lm, kv_server: ServerThread) -> Iterator[WorkerServer]:
     settings = worker_settings(
         tokens=f"{WORKER_TOKEN}=team,{OTHER_TOKEN}=other-team",
         metrics_listen="127.0.0.1:0",
-        cache_target=kv_server.address,
+        cache_targets=kv_server.address,
         cache_insecure=True,
     )
     running = start_worker(settings, lm=lm)
@@ -540,16 +540,35 @@ def test_turn_queue_lets_a_departed_caller_go_and_refuses_when_closed() -> None:
         ({"MINICACHE_WORKER_INSECURE": "maybe"}, "MINICACHE_WORKER_INSECURE"),
         ({}, "MINICACHE_WORKER_INSECURE"),  # neither TLS nor tokens, and not insecure
         (
-            {"MINICACHE_WORKER_INSECURE": "1", "MINICACHE_WORKER_CACHE_TARGET": "host:1"},
+            {"MINICACHE_WORKER_INSECURE": "1", "MINICACHE_WORKER_CACHE_TARGETS": "host:1"},
             "MINICACHE_WORKER_CACHE_INSECURE",
         ),
+        *(
+            (
+                {
+                    "MINICACHE_WORKER_INSECURE": "1",
+                    "MINICACHE_WORKER_CACHE_TARGETS": targets,
+                    "MINICACHE_WORKER_CACHE_INSECURE": "1",
+                },
+                "MINICACHE_WORKER_CACHE_TARGETS",
+            )
+            for targets in (
+                "no port",
+                "host:1,no port",
+                "host:1,,host:2",  # an empty entry
+                "host:1,",
+                " , ",
+                "host:1,host:2,host:1",  # a duplicate
+                "host:0",
+                "host:65536",
+                "host:-1",
+                ":50051",
+            )
+        ),
         (
-            {
-                "MINICACHE_WORKER_INSECURE": "1",
-                "MINICACHE_WORKER_CACHE_TARGET": "no port",
-                "MINICACHE_WORKER_CACHE_INSECURE": "1",
-            },
-            "MINICACHE_WORKER_CACHE_TARGET",
+            # The retired single-server variable is refused, not silently ignored.
+            {"MINICACHE_WORKER_INSECURE": "1", "MINICACHE_WORKER_CACHE_TARGET": "host:1"},
+            "MINICACHE_WORKER_CACHE_TARGETS",
         ),
         (
             {"MINICACHE_WORKER_INSECURE": "1", "MINICACHE_WORKER_TOKENS": "short=team"},
@@ -594,7 +613,30 @@ def test_serve_subcommand_reads_the_settings() -> None:
     args = build_parser().parse_args(["serve", "--insecure", "--cache-timeout-s", "2.5"])
     settings = settings_from(args, environ={})
     assert settings.insecure and settings.cache_timeout_s == 2.5
-    assert settings.cache_client_config() is None
+    assert settings.cache_client_configs() == ()
+
+
+def test_cache_targets_share_the_cache_settings(tmp_path: Path) -> None:
+    token_file = tmp_path / "cache-token"
+    token_file.write_text("cache-token-0123456789\n")
+    environ = {
+        "MINICACHE_WORKER_INSECURE": "1",
+        "MINICACHE_WORKER_CACHE_TARGETS": " 127.0.0.1:50051, cache-1:50052 ,[::1]:50053",
+        "MINICACHE_WORKER_CACHE_TOKEN_FILE": str(token_file),
+        "MINICACHE_WORKER_CACHE_INSECURE": "1",
+        "MINICACHE_WORKER_CACHE_TIMEOUT_S": "2.5",
+    }
+    settings = load_worker_settings([], environ)
+    targets = ("127.0.0.1:50051", "cache-1:50052", "[::1]:50053")
+    assert settings.cache_target_list == targets
+    configs = settings.cache_client_configs()
+    assert tuple(config.target for config in configs) == targets
+    for config in configs:
+        assert config.token == "cache-token-0123456789"
+        assert config.insecure and config.timeout_s == 2.5
+    # One server is a list of one; the flag wins over the env var.
+    single = load_worker_settings(["--cache-targets", "cache-0:50051"], environ)
+    assert single.cache_target_list == ("cache-0:50051",)
 
 
 # -- chat turns -------------------------------------------------------------------------------
