@@ -25,6 +25,7 @@ from minicache_client.serving.settings import (
     setting_values,
 )
 from minicache_server.tiers.chain import check_tier_order
+from minicache_server.tiers.redis_tier import check_key_prefix, parse_cluster_url
 
 DESCRIPTION = (
     "The MiniCache cache server: stores the KV cache of inference sessions, compressed, in "
@@ -127,9 +128,18 @@ class ServerSettings:
     # Overflow tier: empty redis_url means no overflow (a full budget then refuses writes).
     redis_url: str = setting(
         "",
-        "Redis of the overflow tier, redis://host:port/db (rediss:// for TLS); empty: no "
-        "overflow, a full device budget refuses writes",
+        "Redis of the overflow tier, redis://host:port/db (rediss:// for TLS); with "
+        "--redis-cluster, the startup nodes of a Redis Cluster, "
+        "redis://host:port,host:port,... (no db; any node that answers finds the rest); "
+        "empty: no overflow, a full device budget refuses writes",
         metavar="URL",
+    )
+    redis_cluster: bool = setting(
+        False,
+        "--redis-url is a Redis Cluster: keys carry their sequence as hash tag "
+        "(<prefix>:{<tenant>:<model>:<sequence>}:...), so a sequence's entries and "
+        "manifest share a slot; when a master fails the sequences in its slots are misses "
+        "(or UNAVAILABLE for writes) until a replica takes over or it returns",
     )
     redis_username: str = setting("", "Redis ACL user; empty: the default user", metavar="USER")
     redis_password: str = setting(
@@ -156,8 +166,8 @@ class ServerSettings:
     )
     redis_key_prefix: str = setting(
         "minicache",
-        "prefix of every Redis key this server writes; servers that share a Redis each "
-        "need their own",
+        "prefix of every Redis key this server writes, without '{' or '}'; servers that "
+        "share a Redis (or Redis Cluster) each need their own",
         metavar="PREFIX",
     )
     # Requests.
@@ -239,6 +249,7 @@ class ServerSettings:
                 raise SettingsError(f"{env_name(name)} ({flag_name(name)}): must be {expected}")
         check_log_level(self.log_level, env_name)
         self._check_tiers()
+        self._check_redis()
         files = ("tls_cert", "tls_key", "tls_client_ca", "tokens_file", "redis_tls_ca")
         for name in (*files, "redis_password_file"):
             path = getattr(self, name)
@@ -266,6 +277,27 @@ class ServerSettings:
                     f"{env_name('tiers')} {state} {tier}: set {env_name(field)} "
                     f"({flag_name(field)}) exactly when the {tier} tier is in the chain"
                 )
+
+    def _check_redis(self) -> None:
+        try:
+            check_key_prefix(self.redis_key_prefix)
+        except ValueError as exc:
+            raise SettingsError(f"{env_name('redis_key_prefix')}: {exc}") from None
+        if self.redis_cluster:
+            if not self.redis_url:
+                raise SettingsError(
+                    f"{env_name('redis_cluster')} is set: set {env_name('redis_url')} to the "
+                    "cluster's startup nodes, redis://host:port,host:port,..."
+                )
+            try:
+                parse_cluster_url(self.redis_url)
+            except ValueError as exc:
+                raise SettingsError(f"{env_name('redis_url')}: {exc}") from None
+        elif "," in self.redis_url.rpartition("@")[2]:
+            raise SettingsError(
+                f"{env_name('redis_url')} lists several nodes: set {env_name('redis_cluster')}"
+                "=1 for a Redis Cluster (a single Redis has one address)"
+            )
 
     def tier_names(self) -> list[str]:
         """The tier chain in order (the default: device, then redis with a Redis URL)."""

@@ -148,6 +148,7 @@ async def build_tiers(settings: ServerSettings) -> list[StorageTier]:
         else:
             redis_tier = RedisTier(
                 settings.redis_url,
+                cluster=settings.redis_cluster,
                 username=settings.redis_username,
                 password=settings.redis_password_value(),
                 tls_ca=settings.redis_tls_ca,
@@ -156,8 +157,14 @@ async def build_tiers(settings: ServerSettings) -> list[StorageTier]:
                 ttl_s=settings.redis_ttl_s,
                 key_prefix=settings.redis_key_prefix,
             )
-            if not await redis_tier.ping():
-                log.warning("Redis does not answer yet; the tiers above it serve meanwhile")
+            kind = "Redis Cluster" if settings.redis_cluster else "Redis"
+            where = {"redis": redis_tier.startup_nodes, "key_prefix": settings.redis_key_prefix}
+            if await redis_tier.ping():
+                log.info("%s tier answers", kind, extra=where)
+            else:
+                log.warning(
+                    "%s does not answer yet; the tiers above it serve meanwhile", kind, extra=where
+                )
             tiers.append(redis_tier)
     return tiers
 

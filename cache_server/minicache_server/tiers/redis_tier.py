@@ -1,27 +1,49 @@
-"""The Redis tier: checksummed entry encodings in Redis, the last tier of a chain.
+"""The Redis tier: checksummed entry encodings in Redis or a Redis Cluster, the last
+tier of a chain.
 
 Redis is treated as lossy: what comes back is verified and a failed check is a miss.
 Each value starts with the name it was written under (`encoded_tier.py`), so an entry
 that is valid but sits under another key (copied, renamed, a stale generation) is
 refused; the entry's own checksum is verified by `decode_entry`. Sequence manifests
-(`put_manifest`) sit beside the entries under `<prefix>:<ids>:manifest`, so a restarted
-server finds them. Connection settings are passed explicitly (pool size, timeouts,
-bounded retries of connection errors only): redis-py's defaults differ between
-versions. Any Redis failure surfaces as `TierUnavailableError`; the connection pool
-reconnects by itself once Redis is back.
+(`put_manifest`) sit beside the entries, so a restarted server finds them.
+
+Keys (`RedisTier.redis_key`): on a single Redis `<prefix>:<entry_name>` and
+`<prefix>:<manifest_name>` (`tiers/base.py`). On a Redis Cluster they carry a hash tag,
+the sequence's escaped ids in braces, `<prefix>:{<tenant>:<model_id>:<sequence_id>}:
+<generation>:<group>` and `...:manifest` (`hash_tagged_key`), so every key of one
+sequence lives in one slot, on one master. The ids are percent-escaped, so they hold no
+brace, and the prefix may hold none either. The single layout stays as it was, so what
+an existing Redis holds is still recovered.
+
+With `cluster=True` the client is redis-py's `redis.asyncio.cluster.RedisCluster`,
+given every startup node of the URL (`redis://host:port,host:port,...`; any one that
+answers suffices to discover the rest). The commands that touch several keys are the
+library's slot-aware ones: DEL and MGET split per slot (`delete`, `mget_nonatomic`),
+a pipeline goes node by node, and the restart scan (`scan_iter`) visits every master.
+
+Connection settings are passed explicitly (pool size, timeouts, bounded retries of
+connection errors only): redis-py's defaults differ between versions. Any Redis
+failure surfaces as `TierUnavailableError`; the client reconnects by itself once Redis
+is back (a cluster client also rediscovers the slots, e.g. after a replica took over
+from a failed master).
 """
 
 from __future__ import annotations
 
 import logging
+import re
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as redis_asyncio
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from minicache_client.serving.settings import split_address
 from minicache_server.tiers.base import (
     EntryKey,
     SequenceName,
@@ -36,6 +58,60 @@ log = logging.getLogger(__name__)
 # What `RedisTier` raised before the tier interface; the same class.
 OverflowUnavailableError = TierUnavailableError
 
+# Characters SCAN's MATCH pattern treats as wildcards, escaped in a literal prefix.
+_GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
+
+
+@dataclass(frozen=True)
+class ClusterAddress:
+    """What a Redis Cluster URL names: `redis://[user[:password]@]host:port[,host:port...]`
+    (`rediss://` for TLS), each host:port a startup node."""
+
+    tls: bool
+    nodes: list[tuple[str, int]]
+    username: str
+    password: str
+
+    def __str__(self) -> str:
+        """The startup nodes, for logs (never the credentials)."""
+        return ",".join(f"{host}:{port}" for host, port in self.nodes)
+
+
+def parse_cluster_url(url: str) -> ClusterAddress:
+    """The startup nodes and credentials of a Redis Cluster URL; ValueError saying what
+    is wrong (no database number: a cluster has only database 0)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError("a Redis Cluster URL starts with redis:// or rediss://")
+    if parts.path.strip("/") not in ("", "0") or parts.query or parts.fragment:
+        raise ValueError("a Redis Cluster URL names no database (a cluster has only 0)")
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    username, _, password = userinfo.partition(":")
+    nodes = []
+    for node in hosts.split(","):
+        try:
+            host, port = split_address(node.strip())
+        except ValueError:
+            host, port = "", 0
+        if not node.strip() or port <= 0 or host == "0.0.0.0":
+            raise ValueError(f"a startup node must be host:port, not {node.strip()!r}")
+        nodes.append((host, port))
+    return ClusterAddress(parts.scheme == "rediss", nodes, unquote(username), unquote(password))
+
+
+def check_key_prefix(prefix: str) -> None:
+    """ValueError when `prefix` cannot start a key: empty, or holding a brace (a brace
+    would make the prefix the hash tag of every key: one slot for all)."""
+    if not prefix or "{" in prefix or "}" in prefix:
+        raise ValueError("the Redis key prefix must be non-empty and hold no '{' or '}'")
+
+
+def hash_tagged_key(prefix: str, name: str) -> str:
+    """The Redis Cluster key of an `entry_name` or `manifest_name`: the sequence's
+    three escaped ids become the hash tag, `<prefix>:{<ids>}:<rest>`."""
+    tenant, model_id, sequence_id, rest = name.split(":", 3)
+    return f"{prefix}:{{{tenant}:{model_id}:{sequence_id}}}:{rest}"
+
 
 class RedisTier(EncodedTier):
     name = "redis"
@@ -45,6 +121,7 @@ class RedisTier(EncodedTier):
         self,
         url: str,
         *,
+        cluster: bool = False,
         username: str = "",
         password: str = "",
         tls_ca: str = "",
@@ -54,6 +131,7 @@ class RedisTier(EncodedTier):
         key_prefix: str = "minicache",
     ) -> None:
         super().__init__()
+        check_key_prefix(key_prefix)
         options = {
             "max_connections": pool_size,
             "socket_timeout": timeout_s,
@@ -70,50 +148,92 @@ class RedisTier(EncodedTier):
             if not url.startswith("rediss://"):
                 raise ValueError("a Redis TLS CA is set but the Redis URL is not rediss://")
             options["ssl_ca_certs"] = tls_ca
-        self.pool = redis_asyncio.ConnectionPool.from_url(url, **options)
-        self.client = redis_asyncio.Redis(connection_pool=self.pool)
+        self.cluster = cluster
+        if cluster:
+            self.client = self._cluster_client(parse_cluster_url(url), options)
+            self.pool = None
+        else:
+            self.pool = redis_asyncio.ConnectionPool.from_url(url, **options)
+            self.client = redis_asyncio.Redis(connection_pool=self.pool)
         self.ttl_s = ttl_s
         self.key_prefix = key_prefix
+        # SCAN pattern of the manifests: the prefix literal, the sequence ids a wildcard.
+        literal_prefix = _GLOB_SPECIAL.sub(r"\\\1", key_prefix)
+        ids = "{*}" if cluster else "*"
+        self.manifest_pattern = f"{literal_prefix}:{ids}:manifest"
         self.available = True
         self.url_for_logs = url.split("@")[-1]
 
+    def _cluster_client(self, address: ClusterAddress, options: dict) -> RedisCluster:
+        """redis-py's cluster client over `address`'s startup nodes. `max_connections`
+        is per node; the cluster client's own retry re-reads the slots between tries,
+        which is what lets a command reach the replica that took over a failed master."""
+        options.setdefault("username", address.username or None)
+        options.setdefault("password", address.password or None)
+        return RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in address.nodes],
+            ssl=address.tls,
+            require_full_coverage=True,
+            **options,
+        )
+
+    @property
+    def startup_nodes(self) -> list[str]:
+        """`host:port` of each startup node (one for a single Redis), for logs."""
+        if self.cluster:
+            return [node.name for node in self.client.startup_nodes]
+        return [self.url_for_logs]
+
+    def redis_key(self, name: str) -> str:
+        """The Redis key of an `entry_name` or `manifest_name`: `<prefix>:<name>`, with
+        the sequence's ids as hash tag on a cluster (`hash_tagged_key`)."""
+        if self.cluster:
+            return hash_tagged_key(self.key_prefix, name)
+        return f"{self.key_prefix}:{name}"
+
     def key(self, key: EntryKey) -> str:
-        """Redis key of an entry: the prefix, then `entry_name` (tenant first)."""
-        return f"{self.key_prefix}:{entry_name(key)}"
+        """Redis key of an entry."""
+        return self.redis_key(entry_name(key))
+
+    def manifest_key(self, name: SequenceName) -> str:
+        """Redis key of a sequence's manifest (on a cluster, in the slot of its entries)."""
+        return self.redis_key(manifest_name(name))
 
     def _failed(self, action: str, exc: Exception) -> TierUnavailableError:
         if self.available:
             log.warning(
-                "Redis tier unavailable", extra={"redis": self.url_for_logs, "error": str(exc)}
+                "Redis tier unavailable",
+                extra={"redis": self.startup_nodes, "error": str(exc)},
             )
         self.available = False
         return TierUnavailableError(f"Redis tier unavailable during {action}: {exc}")
 
     def _succeeded(self) -> None:
         if not self.available:
-            log.info("Redis tier available again", extra={"redis": self.url_for_logs})
+            log.info("Redis tier available again", extra={"redis": self.startup_nodes})
         self.available = True
 
     async def write(self, name: str, parts: list[bytes | memoryview]) -> None:
         """Returns once Redis acknowledged the write."""
         value = b"".join(parts)
         try:
-            await self.client.set(f"{self.key_prefix}:{name}", value, ex=self.ttl_s or None)
+            await self.client.set(self.redis_key(name), value, ex=self.ttl_s or None)
         except (RedisError, OSError) as exc:
             raise self._failed("write", exc) from exc
         self._succeeded()
 
     async def read(self, name: str) -> bytes | None:
         try:
-            value = await self.client.get(f"{self.key_prefix}:{name}")
+            value = await self.client.get(self.redis_key(name))
         except (RedisError, OSError) as exc:
             raise self._failed("read", exc) from exc
         self._succeeded()
         return value
 
     async def remove(self, names: list[str]) -> None:
+        """One DEL; the cluster client splits it into one DEL per slot."""
         try:
-            await self.client.delete(*(f"{self.key_prefix}:{name}" for name in names))
+            await self.client.delete(*(self.redis_key(name) for name in names))
         except (RedisError, OSError) as exc:
             raise self._failed("delete", exc) from exc
         self._succeeded()
@@ -143,11 +263,16 @@ class RedisTier(EncodedTier):
         await self.remove([manifest_name(name)])
 
     async def manifests(self) -> list[bytes]:
+        """Every manifest under the prefix: SCAN (on every master of a cluster), then
+        MGET in batches (split per slot on a cluster)."""
+        mget = self.client.mget_nonatomic if self.cluster else self.client.mget
         found: list[bytes] = []
         try:
-            keys = [key async for key in self.client.scan_iter(f"{self.key_prefix}:*:manifest")]
+            keys = [
+                key async for key in self.client.scan_iter(match=self.manifest_pattern, count=1000)
+            ]
             for start in range(0, len(keys), 256):
-                values = await self.client.mget(keys[start : start + 256])
+                values = await mget(keys[start : start + 256])
                 found.extend(value for value in values if value is not None)
         except (RedisError, OSError) as exc:
             raise self._failed("recovery", exc) from exc
@@ -165,4 +290,5 @@ class RedisTier(EncodedTier):
 
     async def close(self) -> None:
         await self.client.aclose()
-        await self.pool.aclose()
+        if self.pool is not None:
+            await self.pool.aclose()
