@@ -1,5 +1,6 @@
 """Several real servers behind `ShardedCacheClient`: placement by rendezvous hashing,
-and a server that is down (or never answers) is a miss within the deadline."""
+a server that is down (or never answers) is a miss within the deadline, and calibration
+artifacts come from whichever server answers."""
 
 from __future__ import annotations
 
@@ -10,9 +11,15 @@ from collections import Counter
 import numpy as np
 import pytest
 from service_fixtures import free_port, kv_layers
+from transform_samples import sample_artifact
 
 from minicache_client import ClientConfig, NotFoundError, ShardedCacheClient, UnavailableError
-from minicache_client.sharding import place_sequence
+from minicache_client.sharding import place_sequence, rendezvous_score
+from minicache_client.transform_artifact import ArtifactRegistry
+
+# An artifact of its own (a seed no other module uses); in-process servers serve it
+# from the test process's registry, which `sample_artifact` fills.
+ARTIFACT, DIGEST = sample_artifact(seed=4646)
 
 
 def test_sequences_spread_and_come_back(make_server) -> None:
@@ -71,3 +78,29 @@ def test_down_server_is_a_miss_never_a_hang(make_server) -> None:
         assert client.lookup("m", name).tokens == 4
     finally:
         silent.close()
+
+
+def test_artifacts_come_from_a_server_that_answers(make_server, tmp_path) -> None:
+    alive = make_server()
+    # A refusing server that the digest's rendezvous order asks first (bounded search).
+    dead_address = next(
+        address
+        for address in (f"127.0.0.1:{free_port()}" for _ in range(64))
+        if rendezvous_score(address, "", DIGEST) > rendezvous_score(alive.address, "", DIGEST)
+    )
+    configs = [
+        ClientConfig(target=address, insecure=True, timeout_s=5)
+        for address in (dead_address, alive.address)
+    ]
+    registry = ArtifactRegistry([tmp_path / "fetched"])
+    with ShardedCacheClient(configs) as client:
+        assert client.get_artifact(DIGEST) == ARTIFACT
+        missing = "f" * 64
+        with pytest.raises(NotFoundError, match=f"no cache server holds the artifact {missing}"):
+            client.get_artifact(missing)
+        # A registry that lacks the artifact fetches it through the sharded client.
+        client.use_for_artifacts(registry)
+        assert registry.fetch == client.get_artifact
+        assert registry.data(DIGEST) == ARTIFACT
+    assert registry.fetch is None  # close() undid use_for_artifacts
+    assert (tmp_path / "fetched" / f"{DIGEST}.mcta").read_bytes() == ARTIFACT

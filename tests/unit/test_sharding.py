@@ -17,10 +17,16 @@ import pytest
 from minicache_client.channel import ClientConfig
 from minicache_client.errors import (
     DeadlineExceededError,
+    InvalidArgumentError,
     NotFoundError,
     UnavailableError,
 )
-from minicache_client.sharding import ShardedCacheClient, place_sequence, rendezvous_score
+from minicache_client.sharding import (
+    ShardedCacheClient,
+    UnreachableServerError,
+    place_sequence,
+    rendezvous_score,
+)
 
 SERVERS = [f"cache-{i}:50051" for i in range(4)]
 IDS = [f"sequence-{i}" for i in range(10_000)]
@@ -156,6 +162,11 @@ def test_reads_from_a_refusing_server_are_misses_and_writes_raise() -> None:
         started = time.monotonic()
         with pytest.raises(NotFoundError, match=rf"miss: server {config.target} is unavailable"):
             sharded.lookup(MODEL, "s1")
+        # A miss that says it is an outage, for callers that count those.
+        with pytest.raises(UnreachableServerError) as miss:
+            sharded.lookup(MODEL, "s1")
+        assert miss.value.server == config.target
+        assert isinstance(miss.value.cause, UnavailableError)
         with pytest.raises(NotFoundError, match="miss: server"):
             list(sharded.prefetch(MODEL, "s1"))
         with pytest.raises(NotFoundError, match="miss: server"):
@@ -164,6 +175,17 @@ def test_reads_from_a_refusing_server_are_misses_and_writes_raise() -> None:
             sharded.put(MODEL, "s1", LAYERS, dtype="float16")
         with pytest.raises(UnavailableError):
             sharded.append(MODEL, "s1", LAYERS, dtype="float16", start_token=2)
+        with pytest.raises(UnavailableError):
+            sharded.delete(MODEL, "s1")
+        # A streamed put (a worker's prefill) fails on its first layer or at finish.
+        stream = sharded.open_put(
+            MODEL, "s1", num_layers=1, kv_heads=1, head_dim=4, dtype="float16", end_token=2
+        )
+        with pytest.raises(UnavailableError):
+            stream.send_layer(0, *LAYERS[0])
+            stream.finish()
+        with pytest.raises(NotFoundError, match="could not answer"):
+            sharded.get_artifact("0" * 64)
         assert sharded.health() == {config.target: "UNAVAILABLE"}
         # Refused connections fail fast (bounded retries), well inside the deadline.
         assert time.monotonic() - started < 5.0
@@ -180,5 +202,14 @@ def test_a_hung_server_is_a_miss_at_the_deadline(silent_server: int) -> None:
             with pytest.raises(NotFoundError, match="miss: server"):
                 read()
             assert time.monotonic() - started < 2.0
+        with pytest.raises(UnreachableServerError) as miss:
+            sharded.lookup(MODEL, "s1")
+        assert isinstance(miss.value.cause, DeadlineExceededError)
         with pytest.raises(DeadlineExceededError):
             sharded.put(MODEL, "s1", LAYERS, dtype="float16")
+
+
+def test_a_malformed_artifact_hash_is_refused_before_any_call() -> None:
+    config = ClientConfig(f"127.0.0.1:{closed_port()}", insecure=True, timeout_s=5.0)
+    with ShardedCacheClient([config]) as sharded, pytest.raises(InvalidArgumentError):
+        sharded.get_artifact("not-a-hash")
