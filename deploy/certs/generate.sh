@@ -19,6 +19,12 @@
 #   bash deploy/certs/generate.sh
 # For a Kubernetes overlay (its secretGenerator reads these files; also git-ignored):
 #   bash deploy/certs/generate.sh --out deploy/kubernetes/overlays/dev/secrets --namespace minicache-dev
+# For the local multi-node runner (deploy/local/cluster.py, which calls it this way):
+#   MINICACHE_CERT_IPS=127.0.0.2,127.0.0.11 bash deploy/certs/generate.sh --out .cluster/certs
+#
+# MINICACHE_CERT_IPS: more IP addresses (comma- or space-separated) the server, Redis and
+# worker certificates carry beside 127.0.0.1, for clients that dial a node by its IP; a
+# kept certificate that lacks one of them is re-issued.
 #
 # Idempotent: existing files are kept (a new CA re-issues every certificate); --force
 # regenerates everything. These are development credentials: use your own PKI and
@@ -36,12 +42,15 @@ usage() {
   cat <<EOF
 usage: $0 [--out DIR] [--namespace NS] [--replicas N] [--days N] [--force]
   --out DIR        output directory (default deploy/certs/out); inside the repository only
-                   deploy/certs/out or deploy/kubernetes/overlays/<name>/secrets
+                   deploy/certs/out, deploy/kubernetes/overlays/<name>/secrets or
+                   .cluster/<name> (the local runner's state directory)
   --namespace NS   Kubernetes namespace for the certificates' DNS names (default minicache)
   --replicas N     cache-server pods named in the certificate (default 3; a wildcard
                    for the headless service covers more)
   --days N         certificate validity (default 365)
   --force          regenerate every file, even those that exist
+env MINICACHE_CERT_IPS  more IP SANs of the server, Redis and worker certificates
+                   (comma- or space-separated), e.g. the local runner's 127.0.0.x addresses
 EOF
 }
 
@@ -60,15 +69,26 @@ done
 case "$replicas" in ''|*[!0-9]*) echo "generate.sh: --replicas must be a number" >&2; exit 2 ;; esac
 case "$days" in ''|*[!0-9]*) echo "generate.sh: --days must be a number" >&2; exit 2 ;; esac
 command -v openssl >/dev/null || { echo "generate.sh: openssl is required" >&2; exit 1; }
+extra_ips=()
+IFS=', ' read -ra requested_ips <<<"${MINICACHE_CERT_IPS:-}"
+for ip in "${requested_ips[@]}"; do
+  if ! [[ "$ip" =~ ^[0-9]{1,3}(\.[0-9]{1,3}){3}$ || "$ip" =~ ^[0-9A-Fa-f]*:[0-9A-Fa-f:]*$ ]]; then
+    echo "generate.sh: MINICACHE_CERT_IPS: not an IP address: $ip" >&2
+    exit 2
+  fi
+  extra_ips+=("$ip")
+done
 
 case "$out" in /*) ;; *) out="$PWD/$out" ;; esac
 out="$(realpath -m "$out" 2>/dev/null || printf '%s' "$out")"
 # Inside the repository only the git-ignored locations: secrets must never be committed.
 case "$out/" in
   "$repo_root/deploy/certs/out/" | "$repo_root"/deploy/kubernetes/overlays/*/secrets/) ;;
+  "$repo_root"/.cluster/?*/) ;;
   "$repo_root"/*)
     echo "generate.sh: refusing to write secrets to $out: inside the repository use" \
-      "deploy/certs/out or deploy/kubernetes/overlays/<name>/secrets (git-ignored)" >&2
+      "deploy/certs/out, deploy/kubernetes/overlays/<name>/secrets or .cluster/<name>" \
+      "(git-ignored)" >&2
     exit 1 ;;
 esac
 mkdir -p "$out"
@@ -163,12 +183,29 @@ for suffix in ".$namespace" ".$namespace.svc" ".$namespace.svc.cluster.local"; d
   worker_names+=("$worker_service$suffix")
 done
 
+ip_list() {  # ip_list: "IP:127.0.0.1,IP:<each MINICACHE_CERT_IPS address>"
+  printf 'IP:127.0.0.1'
+  local ip
+  for ip in "${extra_ips[@]}"; do printf ',IP:%s' "$ip"; done
+}
+
+lacks_ips() {  # lacks_ips NAME: true when NAME.crt misses an address of MINICACHE_CERT_IPS
+  local sans ip
+  [ "${#extra_ips[@]}" -eq 0 ] && return 1
+  sans="$(openssl x509 -in "$out/$1.crt" -noout -ext subjectAltName 2>/dev/null |
+    tr ',' '\n' | sed 's/^ *//')" || return 0
+  for ip in "${extra_ips[@]}"; do
+    grep -qxF "IP Address:$ip" <<<"$sans" || return 0
+  done
+  return 1
+}
+
 leaf_ext() {  # leaf_ext EKU SAN
   printf 'basicConstraints = critical, CA:FALSE\nkeyUsage = critical, digitalSignature, keyEncipherment\nextendedKeyUsage = %s\nsubjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid\n%s' "$1" "${2:+subjectAltName = $2}"
 }
 
-if [ "$reissue" -eq 1 ] || need server.crt server.key; then
-  sign server "$service" "$(leaf_ext "serverAuth, clientAuth" "$(dns_list "${server_names[@]}"),IP:127.0.0.1")"
+if [ "$reissue" -eq 1 ] || need server.crt server.key || lacks_ips server; then
+  sign server "$service" "$(leaf_ext "serverAuth, clientAuth" "$(dns_list "${server_names[@]}"),$(ip_list)")"
 else
   log "kept server.crt (--force regenerates it, e.g. after changing --namespace or --replicas)"
 fi
@@ -177,13 +214,13 @@ if [ "$reissue" -eq 1 ] || need client.crt client.key; then
 else
   log "kept client.crt"
 fi
-if [ "$reissue" -eq 1 ] || need redis.crt redis.key; then
-  sign redis "minicache-redis" "$(leaf_ext "serverAuth" "$(dns_list "${redis_names[@]}"),IP:127.0.0.1")"
+if [ "$reissue" -eq 1 ] || need redis.crt redis.key || lacks_ips redis; then
+  sign redis "minicache-redis" "$(leaf_ext "serverAuth" "$(dns_list "${redis_names[@]}"),$(ip_list)")"
 else
   log "kept redis.crt"
 fi
-if [ "$reissue" -eq 1 ] || need worker.crt worker.key; then
-  sign worker "$worker_service" "$(leaf_ext "serverAuth" "$(dns_list "${worker_names[@]}"),IP:127.0.0.1")"
+if [ "$reissue" -eq 1 ] || need worker.crt worker.key || lacks_ips worker; then
+  sign worker "$worker_service" "$(leaf_ext "serverAuth" "$(dns_list "${worker_names[@]}"),$(ip_list)")"
 else
   log "kept worker.crt (--force regenerates it, e.g. after changing --namespace)"
 fi
