@@ -11,7 +11,7 @@ servers' sessions still resume.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -135,6 +135,16 @@ def second_turn(client: WorkerClient, session_id: str, first: TurnResult) -> Tur
     )
 
 
+def plain_generation(lm, session_id: str, history: Sequence[int], result: TurnResult) -> list[int]:
+    """The tokens of `result`'s turn generated with the whole input in a plain local
+    cache (no cache service)."""
+    new_tokens = list(result.turn_tokens[: len(result.turn_tokens) - len(result.tokens)])
+    request = TurnRequest(session_id, list(history), new_tokens, MAX_NEW)
+    *tokens, summary = TurnGenerator(lm, None).generate(request)
+    assert isinstance(summary, TurnSummary)
+    return tokens
+
+
 def held_sessions(server: ServerThread, model_id: str) -> set[str]:
     """The session ids of `model_id` the server holds (the workers' callers have no
     tenant: the server's default one)."""
@@ -202,25 +212,30 @@ def test_a_stopped_server_recomputes_its_sessions_the_others_resume(
     )
     assert not recomputed.stored  # its server is down: the turn is not cached
     assert workers[1].metrics.recomputes.value(reason="unavailable") == unavailable_before + 1
-    # The same tokens as generation with the whole history in a plain local cache.
-    new_tokens = list(
-        recomputed.turn_tokens[: len(recomputed.turn_tokens) - len(recomputed.tokens)]
+    assert list(recomputed.tokens) == plain_generation(
+        lm, session_id, first.turn_tokens, recomputed
     )
-    request = TurnRequest(session_id, list(first.turn_tokens), new_tokens, MAX_NEW)
-    *expected, summary = TurnGenerator(lm, None).generate(request)
-    assert isinstance(summary, TurnSummary)
-    assert list(recomputed.tokens) == expected
 
-    # A new session placed on the stopped server answers too, uncached.
+    # New sessions placed on the stopped server answer too, uncached, in either residency
+    # (a remote turn's decode steps fall back to a local cache).
     addresses = [server.address for server in cache_servers]
     model_id = workers[1].generator.model_id
-    new_session = next(
-        f"sharded-new-{index}"
-        for index in range(CANDIDATES)
-        if place_sequence(addresses, model_id, f"sharded-new-{index}") == stopped.address
-    )
-    fresh = clients[1].turn(new_session, user_message=FIRST_MESSAGE, max_new_tokens=MAX_NEW)
-    assert fresh.generated_tokens >= 1 and not fresh.stored
+    new_sessions = [
+        session_id
+        for session_id in (f"sharded-new-{index}" for index in range(CANDIDATES))
+        if place_sequence(addresses, model_id, session_id) == stopped.address
+    ]
+    assert len(new_sessions) >= 2, "too few candidate ids"
+    for session_id, residency in zip(new_sessions[:2], ("local", "remote"), strict=True):
+        fresh = clients[1].turn(
+            session_id,
+            user_message=FIRST_MESSAGE,
+            max_new_tokens=MAX_NEW,
+            policy=POLICY,
+            residency=residency,
+        )
+        assert (fresh.residency, fresh.stored) == (residency, False)
+        assert list(fresh.tokens) == plain_generation(lm, session_id, (), fresh)
 
     for server in alive:
         session_id = sessions[server.address][OUTAGE]
