@@ -9,7 +9,10 @@ machine, each node on its own loopback address, with TLS and bearer tokens every
 Nodes (NET is `--net`, default 127.0.0; every node listens on its own address only):
 
     redis            NET.2:6379            TLS only, ACL user `minicache` (as in compose)
-    cache-server-i   NET.(11+i):50051      metrics NET.(11+i):9464/metrics, i < 10
+    cache-server-i   NET.(11+i):50051      metrics NET.(11+i):9464/metrics, i < 10;
+                                           plaintext grpc.health.v1 only on :8086 (it
+                                           answers NOT_SERVING while the server drains;
+                                           the TLS port refuses new calls then)
     worker-i         NET.(21+i):50061      metrics NET.(21+i):9465/metrics, i < 10
 
 Cache servers keep their overflow in Redis under their own key prefix (`minicache-i`);
@@ -74,7 +77,7 @@ REDIS_MODES = ("single", "none")
 MAX_SERVERS = 10
 MAX_WORKERS = 10
 REDIS_PORT = 6379
-SERVER_PORT, SERVER_METRICS_PORT = 50051, 9464
+SERVER_PORT, SERVER_METRICS_PORT, SERVER_HEALTH_PORT = 50051, 9464, 8086
 WORKER_PORT, WORKER_METRICS_PORT = 50061, 9465
 # Host numbers within NET: the layout of the module docstring.
 REDIS_HOST, FIRST_SERVER_HOST, FIRST_WORKER_HOST = 2, 11, 21
@@ -359,6 +362,7 @@ class Cluster:
             **self._base_env(),
             "MINICACHE_LISTEN": f"{host}:{SERVER_PORT}",
             "MINICACHE_METRICS_LISTEN": f"{host}:{SERVER_METRICS_PORT}",
+            "MINICACHE_HEALTH_LISTEN": f"{host}:{SERVER_HEALTH_PORT}",
             "MINICACHE_TLS_CERT": c.path("server.crt"),
             "MINICACHE_TLS_KEY": c.path("server.key"),
             "MINICACHE_TOKENS_FILE": c.cache_tokens,
@@ -511,13 +515,16 @@ class Cluster:
         address and pid, Redis' mode, URL, nodes and pids."""
 
         def entry(node: Node) -> dict[str, Any]:
-            return {
+            described = {
                 "name": node.name,
                 "target": node.target,
                 "metrics": node.metrics,
                 "pid": node.pid,
                 "log": str(node.log_path),
             }
+            if node.role == "cache-server":
+                described["health"] = f"{node.host}:{SERVER_HEALTH_PORT}"
+            return described
 
         c = self.credentials
         return {
