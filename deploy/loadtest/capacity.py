@@ -78,7 +78,8 @@ DTYPE = "float16"
 GIB = 1 << 30
 SERVER = str(Path(sys.executable).with_name("minicache-server"))
 SERVER_START_S = 60.0
-# Sessions each thread starts within, so a step does not begin with every prefill at once.
+# Threads start their first session within this much of a step (at most a tenth of
+# it), so a step does not begin with every prefill at once.
 STAGGER_S = 2.0
 
 Session = tuple[Turn, ...]
@@ -473,7 +474,7 @@ def load_step(
         player = SessionPlayer(
             client, workload, args.prefill_ms_per_token / 1000.0, recorders[thread], stop
         )
-        if stop.wait(float(rng.uniform(0, STAGGER_S))):
+        if stop.wait(float(rng.uniform(0, min(STAGGER_S, args.step_seconds / 10)))):
             return
         try:
             while not stop.is_set():
