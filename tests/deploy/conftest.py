@@ -59,3 +59,13 @@ def rendered_overlays(
         documents = [doc for doc in yaml.safe_load_all(output) if doc]
         rendered[name] = RenderedOverlay(name, namespace, manifest, certs, documents)
     return rendered
+
+
+@pytest.fixture(scope="session")
+def rendered_base(tmp_path_factory: pytest.TempPathFactory, kubectl: Path) -> RenderedOverlay:
+    """The base alone (it has no Secrets to generate, nor a namespace)."""
+    output = run_tool([kubectl, "kustomize", KUBERNETES_DIR / "base"]).stdout
+    manifest = tmp_path_factory.mktemp("base") / "base.yaml"
+    manifest.write_text(output)
+    documents = [doc for doc in yaml.safe_load_all(output) if doc]
+    return RenderedOverlay("base", "", manifest, manifest.parent, documents)

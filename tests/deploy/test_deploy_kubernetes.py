@@ -381,21 +381,16 @@ def test_clients_outside_the_namespace_reach_the_services_but_not_redis(
 # ---- the workers' cache servers ----
 
 
-@pytest.mark.parametrize("name", OVERLAYS)
-def test_workers_list_every_cache_server_by_its_stable_name(
-    rendered_overlays: dict[str, RenderedOverlay], name: str
-) -> None:
+def assert_workers_list_every_cache_server(overlay: RenderedOverlay, domain: str) -> None:
     """MINICACHE_WORKER_CACHE_TARGETS names each replica of the StatefulSet once, by its
-    name under the headless Service in the overlay's namespace."""
-    overlay = rendered_overlays[name]
+    name under the headless Service, followed by `domain`."""
     statefulset = component_workload(overlay, "cache-server")
     service = overlay.one("Service", statefulset["spec"]["serviceName"])
     assert service["spec"].get("clusterIP") == "None", "the cache servers' Service is headless"
     assert selects({"matchLabels": service["spec"]["selector"]}, pod_labels(statefulset))
     port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
     expected = {
-        f"{statefulset['metadata']['name']}-{i}.{service['metadata']['name']}."
-        f"{overlay.namespace}.svc.cluster.local:{port}"
+        f"{statefulset['metadata']['name']}-{i}.{service['metadata']['name']}{domain}:{port}"
         for i in range(statefulset["spec"]["replicas"])
     }
     targets = config_of(overlay, component_workload(overlay, "worker"))[
@@ -403,6 +398,20 @@ def test_workers_list_every_cache_server_by_its_stable_name(
     ].split(",")
     assert len(targets) == len(set(targets)), f"a target listed twice: {targets}"
     assert set(targets) == expected
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_workers_list_every_cache_server_by_its_stable_name(
+    rendered_overlays: dict[str, RenderedOverlay], name: str
+) -> None:
+    """Each overlay: the full names in its namespace, for its own replica count."""
+    overlay = rendered_overlays[name]
+    assert_workers_list_every_cache_server(overlay, f".{overlay.namespace}.svc.cluster.local")
+
+
+def test_the_base_lists_its_own_cache_servers(rendered_base: RenderedOverlay) -> None:
+    """The base, namespace-agnostic: the names relative to the pods' namespace."""
+    assert_workers_list_every_cache_server(rendered_base, "")
 
 
 @pytest.mark.parametrize("name", OVERLAYS)
