@@ -129,17 +129,19 @@ class ServerSettings:
     redis_url: str = setting(
         "",
         "Redis of the overflow tier, redis://host:port/db (rediss:// for TLS); with "
-        "--redis-cluster, the startup nodes of a Redis Cluster, "
+        "--redis-mode cluster, the startup nodes of a Redis Cluster, "
         "redis://host:port,host:port,... (no db; any node that answers finds the rest); "
         "empty: no overflow, a full device budget refuses writes",
         metavar="URL",
     )
-    redis_cluster: bool = setting(
-        False,
-        "--redis-url is a Redis Cluster: keys carry their sequence as hash tag "
-        "(<prefix>:{<tenant>:<model>:<sequence>}:...), so a sequence's entries and "
-        "manifest share a slot; when a master fails the sequences in its slots are misses "
-        "(or UNAVAILABLE for writes) until a replica takes over or it returns",
+    redis_mode: str = setting(
+        "single",
+        "what --redis-url names: single (one Redis) or cluster (a Redis Cluster; keys "
+        "carry their sequence as hash tag, <prefix>:{<tenant>:<model>:<sequence>}:..., so "
+        "a sequence's entries and manifest share a slot; while a master is down the "
+        "sequences in its slots are misses, or UNAVAILABLE for writes, until a replica "
+        "takes over or it returns)",
+        metavar="{single,cluster}",
     )
     redis_username: str = setting("", "Redis ACL user; empty: the default user", metavar="USER")
     redis_password: str = setting(
@@ -218,6 +220,7 @@ class ServerSettings:
             (self.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda"),
             (self.device_budget_bytes > 0, "device_budget_bytes", "> 0"),
             (self.disk_budget_bytes > 0, "disk_budget_bytes", "> 0"),
+            (self.redis_mode in ("single", "cluster"), "redis_mode", "single or cluster"),
             (self.redis_pool_size >= 1, "redis_pool_size", ">= 1"),
             (self.redis_timeout_s > 0, "redis_timeout_s", "> 0"),
             (self.redis_ttl_s >= 0, "redis_ttl_s", ">= 0"),
@@ -286,7 +289,7 @@ class ServerSettings:
         if self.redis_cluster:
             if not self.redis_url:
                 raise SettingsError(
-                    f"{env_name('redis_cluster')} is set: set {env_name('redis_url')} to the "
+                    f"{env_name('redis_mode')} is cluster: set {env_name('redis_url')} to the "
                     "cluster's startup nodes, redis://host:port,host:port,..."
                 )
             try:
@@ -295,9 +298,14 @@ class ServerSettings:
                 raise SettingsError(f"{env_name('redis_url')}: {exc}") from None
         elif "," in self.redis_url.rpartition("@")[2]:
             raise SettingsError(
-                f"{env_name('redis_url')} lists several nodes: set {env_name('redis_cluster')}"
-                "=1 for a Redis Cluster (a single Redis has one address)"
+                f"{env_name('redis_url')} lists several nodes: set {env_name('redis_mode')}"
+                "=cluster for a Redis Cluster (a single Redis has one address)"
             )
+
+    @property
+    def redis_cluster(self) -> bool:
+        """The overflow Redis is a Redis Cluster (`redis_mode` cluster)."""
+        return self.redis_mode == "cluster"
 
     def tier_names(self) -> list[str]:
         """The tier chain in order (the default: device, then redis with a Redis URL)."""

@@ -21,6 +21,7 @@ the nodes' ACL file only (never on a command line).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -37,12 +38,19 @@ from redis.cluster import RedisCluster as RedisClusterClient
 START_TIMEOUT_S = 30.0
 
 
-def free_port_pair(host: str) -> tuple[int, int]:
-    """Two ports free on `host`: a node's client port and its cluster bus port."""
-    with socket.socket() as first, socket.socket() as second:
-        first.bind((host, 0))
-        second.bind((host, 0))
-        return first.getsockname()[1], second.getsockname()[1]
+def free_port_pairs(host: str, count: int) -> list[tuple[int, int]]:
+    """`count` pairs of ports free on `host`, all distinct (every socket is held until
+    all are chosen): each node's client port and cluster bus port."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(2 * count)]
+        for sock in sockets:
+            sock.bind((host, 0))
+        ports = [sock.getsockname()[1] for sock in sockets]
+    return list(zip(ports[::2], ports[1::2], strict=True))
+
+
+class NodeExitedError(RuntimeError):
+    """A node's redis-server exited (its log, named in the message, says why)."""
 
 
 class RedisCluster:
@@ -90,7 +98,7 @@ class RedisCluster:
         # With a password alone the admin is the default user, with that password.
         self.admin_password = secrets.token_hex(16) if username else password
         count = masters * (1 + replicas)
-        self.ports = [free_port_pair(host) for _ in range(count)]
+        self.ports = free_port_pairs(host, count)
         self.processes: list[subprocess.Popen | None] = [None] * count
 
     # -- addresses ------------------------------------------------------------------
@@ -212,15 +220,18 @@ class RedisCluster:
         log = open(self.directory / f"node-{index}" / "redis.log", "ab")  # noqa: SIM115
         with log:
             self.processes[index] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+
+    def _wait_answering(self, index: int) -> None:
+        """Wait until node `index` answers; then give it the replication password
+        (set after start, so that it never shows in ps)."""
+        self._wait(lambda: self._ping(index), f"node {index} to answer", 10)
         if self.password:
-            # masterauth is set after start, so the password never shows in ps.
-            self._wait(lambda: self._ping(index), f"node {index} to answer", 10)
             with self.node_client(index) as client:
                 client.config_set("masterauth", self.admin_password)
 
     def _ping(self, index: int) -> bool:
         if not self.is_running(index):
-            raise RuntimeError(f"redis-server node {index} exited; see {self._log_path(index)}")
+            raise NodeExitedError(f"redis-server node {index} exited; see {self._log_path(index)}")
         try:
             with self.node_client(index) as client:
                 return bool(client.ping())
@@ -259,8 +270,14 @@ class RedisCluster:
             )
 
     def _healthy(self) -> bool:
-        """Every running node says cluster_state:ok, and every running replica's link
-        to its master is up."""
+        """`masters` running masters (a replica took over from a killed one, or it is
+        back), every running node says cluster_state:ok, and every running replica's
+        link to its master is up."""
+        try:
+            if len(self.master_indexes()) != self.masters:
+                return False
+        except redis.RedisError:
+            return False
         for index in range(len(self.ports)):
             if not self.is_running(index):
                 continue
@@ -278,19 +295,36 @@ class RedisCluster:
         return True
 
     def wait_healthy(self, timeout_s: float = START_TIMEOUT_S) -> None:
-        """Block until `_healthy` (bounded by `timeout_s`; RuntimeError after it)."""
-        self._wait(self._healthy, "cluster_state:ok on every node", timeout_s)
+        """Block until `_healthy` (bounded by `timeout_s`; RuntimeError after it). Right
+        after `kill_node` of a master this waits for its replica to take over (about
+        twice `node_timeout_ms`); without replicas, until the master is restarted."""
+        self._wait(self._healthy, f"{self.masters} masters and cluster_state:ok", timeout_s)
 
     def start(self) -> RedisCluster:
         """Start every node, create the cluster, wait until it is healthy; on any
-        failure everything started is stopped and the error raised."""
+        failure everything started is stopped and the error raised. A node that exits
+        at once (its port taken meanwhile by another process) is tried again, once,
+        with every port chosen afresh."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        for attempt in range(2):
+            try:
+                self._acl_file()
+                for index in range(len(self.ports)):
+                    self._spawn(index)
+                for index in range(len(self.ports)):
+                    self._wait_answering(index)
+                break
+            except NodeExitedError:
+                self.stop()
+                if attempt == 1:
+                    raise
+                self.ports = free_port_pairs(self.host, len(self.ports))
+                for stale in self.directory.glob("node-*/nodes.conf"):
+                    stale.unlink()
+            except BaseException:
+                self.stop()
+                raise
         try:
-            self._acl_file()
-            for index in range(len(self.ports)):
-                self._spawn(index)
-            for index in range(len(self.ports)):
-                self._wait(lambda index=index: self._ping(index), f"node {index} to answer", 10)
             self._create()
             self.wait_healthy()
         except BaseException:
@@ -313,7 +347,7 @@ class RedisCluster:
         if self.is_running(index):
             raise ValueError(f"node {index} is running")
         self._spawn(index)
-        self._wait(lambda: self._ping(index), f"node {index} to answer", 10)
+        self._wait_answering(index)
         self.wait_healthy(timeout_s)
 
     def stop(self) -> None:

@@ -20,6 +20,7 @@ from minicache_client.serving.settings import (
     setting,
 )
 from minicache_server.settings import ServerSettings, env_name, load_settings
+from minicache_server.tiers.redis_tier import parse_cluster_url
 
 INSECURE = {"MINICACHE_INSECURE": "1"}
 TOKEN_A = "token-of-tenant-a-0123456789"
@@ -175,6 +176,48 @@ def test_bad_env_value_names_its_variable(name: str, value: str) -> None:
         environ["MINICACHE_TLS_KEY"] = "/nonexistent/key.pem"
     with pytest.raises(SettingsError, match=name):
         load_settings([], environ)
+
+
+def test_redis_cluster_takes_its_startup_nodes_from_the_url() -> None:
+    url = "rediss://minicache@10.0.0.1:6379,10.0.0.2:6380,[::1]:6381"
+    settings = load_settings(["--redis-mode", "cluster"], {**INSECURE, "MINICACHE_REDIS_URL": url})
+    assert settings.redis_cluster and settings.tier_names() == ["device", "redis"]
+    address = parse_cluster_url(settings.redis_url)
+    assert address.tls and address.username == "minicache"
+    assert address.nodes == [("10.0.0.1", 6379), ("10.0.0.2", 6380), ("::1", 6381)]
+    environ = {**INSECURE, "MINICACHE_REDIS_MODE": "cluster", "MINICACHE_REDIS_URL": url + "/0"}
+    assert load_settings([], environ).redis_cluster
+
+
+@pytest.mark.parametrize(
+    ("environ", "named", "message"),
+    [
+        ({"MINICACHE_REDIS_MODE": "cluster"}, "MINICACHE_REDIS_MODE", "startup nodes"),
+        ({"MINICACHE_REDIS_MODE": "sentinel"}, "MINICACHE_REDIS_MODE", "single or cluster"),
+        (
+            {"MINICACHE_REDIS_MODE": "cluster", "MINICACHE_REDIS_URL": "redis://h:1,h:2/3"},
+            "MINICACHE_REDIS_URL",
+            "no database",
+        ),
+        (
+            {"MINICACHE_REDIS_MODE": "cluster", "MINICACHE_REDIS_URL": "redis://h:1,h"},
+            "MINICACHE_REDIS_URL",
+            "host:port",
+        ),
+        (
+            {"MINICACHE_REDIS_MODE": "cluster", "MINICACHE_REDIS_URL": "http://h:1"},
+            "MINICACHE_REDIS_URL",
+            "redis://",
+        ),
+        ({"MINICACHE_REDIS_URL": "redis://h:1,h:2"}, "MINICACHE_REDIS_URL", "REDIS_MODE=cluster"),
+        ({"MINICACHE_REDIS_KEY_PREFIX": "a{b}"}, "MINICACHE_REDIS_KEY_PREFIX", "'{'"),
+        ({"MINICACHE_REDIS_KEY_PREFIX": ""}, "MINICACHE_REDIS_KEY_PREFIX", "non-empty"),
+    ],
+)
+def test_bad_redis_cluster_settings_name_their_variable(environ, named, message) -> None:
+    with pytest.raises(SettingsError, match=named) as raised:
+        load_settings([], {**INSECURE, **environ})
+    assert message in str(raised.value)
 
 
 def test_bad_flag_value_names_its_variable() -> None:

@@ -40,7 +40,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from minicache_client.serving.settings import split_address
@@ -57,6 +57,10 @@ log = logging.getLogger(__name__)
 
 # What `RedisTier` raised before the tier interface; the same class.
 OverflowUnavailableError = TierUnavailableError
+
+# What a failing Redis raises: the cluster client's own errors (no startup node
+# answers, slots not covered) are not `RedisError`s.
+REDIS_FAILURES = (RedisError, RedisClusterException, OSError)
 
 # Characters SCAN's MATCH pattern treats as wildcards, escaped in a literal prefix.
 _GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
@@ -173,7 +177,9 @@ class RedisTier(EncodedTier):
         return RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in address.nodes],
             ssl=address.tls,
-            require_full_coverage=True,
+            # The servers' cluster-require-full-coverage decides whether the slots of
+            # a failed master take the others down; the client does not add its own.
+            require_full_coverage=False,
             **options,
         )
 
@@ -218,14 +224,14 @@ class RedisTier(EncodedTier):
         value = b"".join(parts)
         try:
             await self.client.set(self.redis_key(name), value, ex=self.ttl_s or None)
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             raise self._failed("write", exc) from exc
         self._succeeded()
 
     async def read(self, name: str) -> bytes | None:
         try:
             value = await self.client.get(self.redis_key(name))
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             raise self._failed("read", exc) from exc
         self._succeeded()
         return value
@@ -234,7 +240,7 @@ class RedisTier(EncodedTier):
         """One DEL; the cluster client splits it into one DEL per slot."""
         try:
             await self.client.delete(*(self.redis_key(name) for name in names))
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             raise self._failed("delete", exc) from exc
         self._succeeded()
 
@@ -246,7 +252,7 @@ class RedisTier(EncodedTier):
                 for key in keys:
                     pipe.strlen(self.key(key))
                 lengths = await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             raise self._failed("recovery", exc) from exc
         found = {}
         for key, length in zip(keys, lengths, strict=True):
@@ -274,7 +280,7 @@ class RedisTier(EncodedTier):
             for start in range(0, len(keys), 256):
                 values = await mget(keys[start : start + 256])
                 found.extend(value for value in values if value is not None)
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             raise self._failed("recovery", exc) from exc
         self._succeeded()
         return found
@@ -282,7 +288,7 @@ class RedisTier(EncodedTier):
     async def ping(self) -> bool:
         try:
             await self.client.ping()
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             self._failed("ping", exc)
             return False
         self._succeeded()
