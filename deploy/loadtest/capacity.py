@@ -3,16 +3,21 @@ a fixed device budget, and what happens to throughput, hit rate and prefetch lat
 as the offered load grows past that.
 
 For each policy (`none`, the baseline, first) a `minicache-server` process starts on
-loopback with the device budget (`--device-budget`, default 128 MiB) and no tier below
-it, so a full device refuses writes (RESOURCE_EXHAUSTED) instead of moving entries
-elsewhere; what the device holds is all the server holds.
+loopback with the device budget (`--device-budget`) and no tier below it, so a full
+device refuses writes (RESOURCE_EXHAUSTED) instead of moving entries elsewhere; what
+the device holds is all the server holds. The default budget, 256 MiB, is sized for a
+two-core machine: `none` holds about 5 ShareGPT sessions (most reach the 2,048-token
+cut, 45 MiB of fp16 KV each), enough to count, and `default` about 50, so its 4x load
+step (~200 concurrent sessions) still runs as threads and its fill takes minutes.
 
 1. **Sessions held.** Sessions are written one after another as a worker writes them
    (per turn: a sealed `put` of the prompt, `--appends-per-turn` appends of
    `--append-tokens` tokens, the rest of the reply in one `put`), every session kept,
    until a write is refused. Reported: the sessions held, the server's device bytes
-   per session (Stats), sessions per GiB of device memory, and each against `none`.
-   Every policy writes the same sessions in the same order.
+   per session and per token (Stats), sessions per GiB of device memory, and each
+   against `none`. Every policy writes the same sessions in the same order, so each
+   holds a prefix of one list; as session lengths vary, sessions per GiB is also given
+   at the mean sampled length (GiB / (device bytes per token x mean tokens)).
 2. **Load sweep.** For each multiple of the held count (`--load-multiples`, default
    0.5 1 2 4), that many concurrent sessions (threads) play conversations for
    `--step-seconds`. A turn after the first resumes the session: a `prefetch` of all it
@@ -329,6 +334,7 @@ def fill_device(
         "device_budget_bytes": stats.device_budget_bytes,
         "device_bytes_per_session": stats.device_bytes / count if count else None,
         "tokens_per_session": stats.tokens / count if count else None,
+        "device_bytes_per_token": stats.device_bytes / stats.tokens if stats.tokens else None,
         "compression_ratio": stats.fp16_bytes / stats.device_bytes if stats.device_bytes else None,
         "sessions_per_gib": count / (stats.device_budget_bytes / GIB),
         "seconds": seconds,
@@ -579,8 +585,20 @@ def progress(message: str) -> None:
 
 
 def with_baseline(report: dict[str, Any]) -> None:
-    """Beside each policy's figures, the `none` figures of the same run and the ratio."""
+    """Beside each policy's figures, the `none` figures of the same run and the ratio.
+
+    The sessions held are counted whole, and each policy holds a different prefix of the
+    same session list (whose lengths vary), so the count's ratio is coarse when `none`
+    holds few. `sessions_per_gib_at_mean_length` is not: GiB over the device bytes per
+    token held times the mean length of all sampled sessions."""
     base = report["policies"][BASELINE]
+    mean_tokens = report["sessions"]["tokens_mean"]
+    for result in report["policies"].values():
+        held = result["held"]
+        per_token = held["device_bytes_per_token"]
+        held["sessions_per_gib_at_mean_length"] = (
+            GIB / (per_token * mean_tokens) if per_token else None
+        )
     for result in report["policies"].values():
         held, base_held = result["held"], base["held"]
         held["none_sessions"] = base_held["sessions"]
@@ -588,12 +606,13 @@ def with_baseline(report: dict[str, Any]) -> None:
         held["sessions_vs_none"] = (
             held["sessions"] / base_held["sessions"] if base_held["sessions"] else None
         )
-        per_session = held["device_bytes_per_session"]
-        base_per_session = base_held["device_bytes_per_session"]
-        held["none_device_bytes_per_session"] = base_per_session
-        # Sessions per GiB from bytes per session: not rounded down to whole sessions.
-        held["bytes_per_session_vs_none"] = (
-            base_per_session / per_session if per_session and base_per_session else None
+        held["none_device_bytes_per_token"] = base_held["device_bytes_per_token"]
+        held["none_sessions_per_gib_at_mean_length"] = base_held["sessions_per_gib_at_mean_length"]
+        held["sessions_per_gib_at_mean_length_vs_none"] = (
+            held["sessions_per_gib_at_mean_length"] / base_held["sessions_per_gib_at_mean_length"]
+            if held["sessions_per_gib_at_mean_length"]
+            and base_held["sessions_per_gib_at_mean_length"]
+            else None
         )
         base_steps = {step["load_multiple"]: step for step in base["sweep"]}
         for step in result["sweep"]:
@@ -622,7 +641,11 @@ def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "device_mib_per_session": (held["device_bytes_per_session"] or 0) / 2**20,
                 "sessions_per_gib": held["sessions_per_gib"],
                 "sessions_vs_none": held["sessions_vs_none"],
-                "bytes_per_session_vs_none": held["bytes_per_session_vs_none"],
+                "device_bytes_per_token": held["device_bytes_per_token"],
+                "sessions_per_gib_at_mean_length": held["sessions_per_gib_at_mean_length"],
+                "sessions_per_gib_at_mean_length_vs_none": held[
+                    "sessions_per_gib_at_mean_length_vs_none"
+                ],
                 "prefetch_p99_ms_at_1x": at_held["prefetch_ms"]["p99"] if at_held else None,
                 "none_prefetch_p99_ms_at_1x": (
                     at_held["none"]["prefetch_p99_ms"] if at_held and at_held["none"] else None
@@ -639,15 +662,24 @@ def print_summary(report: dict[str, Any]) -> None:
         f"prefill charged {report['prefill_ms_per_token']:.2f} ms/token; "
         f"{report['step_seconds']:g} s per load step"
     )
-    header = ("policy", "held", "MiB/sess", "sess/GiB", "vs none", "p99@1x ms", "max turns/s")
-    print("{:<9}{:>6}{:>10}{:>10}{:>9}{:>11}{:>12}".format(*header))
+    header = (
+        "policy", "held", "vs none", "MiB/sess", "B/token", "sess/GiB*", "vs none*",
+        "p99@1x ms", "max turns/s",
+    )  # fmt: skip
+    print("{:<9}{:>6}{:>9}{:>10}{:>9}{:>11}{:>10}{:>11}{:>12}".format(*header))
     for row in report["summary"]:
         print(
-            f"{row['policy']:<9}{row['sessions_held']:>6}{row['device_mib_per_session']:>10.2f}"
-            f"{row['sessions_per_gib']:>10.1f}{fmt(row['sessions_vs_none'], '.2f'):>9}"
+            f"{row['policy']:<9}{row['sessions_held']:>6}{fmt(row['sessions_vs_none'], '.2f'):>9}"
+            f"{row['device_mib_per_session']:>10.2f}{fmt(row['device_bytes_per_token'], '.0f'):>9}"
+            f"{fmt(row['sessions_per_gib_at_mean_length'], '.1f'):>11}"
+            f"{fmt(row['sessions_per_gib_at_mean_length_vs_none'], '.2f'):>10}"
             f"{fmt(row['prefetch_p99_ms_at_1x'], '.0f'):>11}"
             f"{fmt(row['max_turns_per_s'], '.2f'):>12}"
         )
+    print(
+        f"* at the mean length of the sampled sessions ({report['sessions']['tokens_mean']:.0f} "
+        "tokens), from the device bytes per token held"
+    )
     print("\nload sweep (concurrent sessions: turns/s, hit rate, prefetch p50/p99 ms)")
     for policy, result in report["policies"].items():
         cells = [
@@ -678,10 +710,10 @@ def write_plots(report: dict[str, Any], directory: Path, dpi: int = 100) -> list
     held = [policies[name]["held"]["sessions"] for name in names]
     bars = axes.bar(names, held, color="tab:blue")
     for bar, name in zip(bars, names, strict=True):
-        per_gib = policies[name]["held"]["sessions_per_gib"]
-        ratio = policies[name]["held"]["sessions_vs_none"]
+        per_gib = policies[name]["held"]["sessions_per_gib_at_mean_length"]
+        ratio = policies[name]["held"]["sessions_per_gib_at_mean_length_vs_none"]
         axes.annotate(
-            f"{per_gib:.0f}/GiB\n{fmt(ratio, '.1f')}x none",
+            f"{fmt(per_gib, '.0f')}/GiB*\n{fmt(ratio, '.1f')}x none",
             (bar.get_x() + bar.get_width() / 2, bar.get_height()),
             ha="center",
             va="bottom",
@@ -689,6 +721,11 @@ def write_plots(report: dict[str, Any], directory: Path, dpi: int = 100) -> list
         )
     axes.set_ylabel(f"sessions held in {budget_mib:.0f} MiB")
     axes.set_title("ShareGPT sessions held in the device tier, per policy")
+    axes.set_xlabel(
+        f"* sessions per GiB at the mean sampled length ({report['sessions']['tokens_mean']:.0f} "
+        "tokens)",
+        fontsize="small",
+    )
     axes.set_ylim(0, max([*held, 1]) * 1.25)
     axes.grid(alpha=0.3, axis="y")
     figure.tight_layout()
@@ -736,7 +773,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     add = parser.add_argument
     add("--policies", nargs="+", default=list(POLICIES), help="policies; none must be one")
-    add("--device-budget", default="128MiB", help="device tier budget, e.g. 128MiB")
+    add("--device-budget", default="256MiB", help="device tier budget, e.g. 256MiB")
     add("--kv", choices=("model", "random"), default="model", help="real (bank) or random KV")
     add("--tokens", type=int, default=2048, help="bank tokens per conversation (session cut)")
     add("--bank-conversations", type=int, default=8)

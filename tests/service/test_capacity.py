@@ -23,7 +23,9 @@ HELD_FIELDS = (
     "none_sessions",
     "none_sessions_per_gib",
     "sessions_vs_none",
-    "bytes_per_session_vs_none",
+    "device_bytes_per_token",
+    "sessions_per_gib_at_mean_length",
+    "sessions_per_gib_at_mean_length_vs_none",
 )
 STEP_FIELDS = (
     "concurrent_sessions",
@@ -69,7 +71,8 @@ def test_smoke_run_reports_sessions_held_and_the_load_sweep(capacity, tmp_path):
         assert 0 < held["device_bytes"] <= 16 << 20
         assert held["none_sessions"] == none["sessions"] >= 1
     assert kivi4["sessions"] > none["sessions"]
-    assert kivi4["device_bytes_per_session"] < none["device_bytes_per_session"]
+    assert kivi4["device_bytes_per_token"] < none["device_bytes_per_token"]
+    assert kivi4["sessions_per_gib_at_mean_length_vs_none"] > 2  # kivi4 is ~3x on any KV
     assert kivi4["sessions_vs_none"] == kivi4["sessions"] / none["sessions"]
 
     for policy, result in report["policies"].items():
