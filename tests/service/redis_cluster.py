@@ -8,7 +8,9 @@ waits until every node reports `cluster_state:ok` and every replica's link to it
 master is up. Nothing is persisted (`--save ''`, no AOF): like the single overflow
 Redis, the cluster is a lossy tier. `kill_node(i)` is a crash (SIGKILL);
 `restart_node(i)` starts the node again on the same port with its `nodes.conf`, so it
-rejoins the cluster (as a replica when its replica took over meanwhile).
+rejoins the cluster (as a replica when its replica took over meanwhile). Every node
+listens on `host` (any 127.0.0.x; announced as such to peers and clients), on its own
+ports; `url` names them all as startup nodes, `pids` their processes.
 
 Optional TLS (`tls_cert`, `tls_key`, `tls_ca`: client port, cluster bus and
 replication all over TLS, no plaintext port, client certificates not required) and
@@ -16,7 +18,8 @@ authentication (`password` alone: the default user's password; `username` and
 `password`: an ACL user without admin commands, as deploy/certs/generate.sh writes for
 docker-compose, and the default user off). The class itself administers the nodes
 (cluster creation, replication) as `admin_username` with a random password, written to
-the nodes' ACL file only (never on a command line).
+the nodes' ACL file only (never on a command line). With TLS, clients check that the
+certificate names `host` (deploy/certs/generate.sh's redis.crt names 127.0.0.1).
 """
 
 from __future__ import annotations
@@ -116,6 +119,11 @@ class RedisCluster:
         scheme = "rediss" if self.tls else "redis"
         return f"{scheme}://{','.join(self.startup_nodes)}"
 
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the running nodes."""
+        return [process.pid for process in self.processes if process and process.poll() is None]
+
     # -- clients --------------------------------------------------------------------
 
     def _connection_options(self) -> dict:
@@ -186,6 +194,10 @@ class RedisCluster:
             str(self.node_timeout_ms),
             "--cluster-port",
             str(bus_port),
+            # The address the other nodes and clients use: a node bound to 127.0.0.x
+            # would otherwise learn 127.0.0.1, where its peers' connections come from.
+            "--cluster-announce-ip",
+            self.host,
             # A replica takes over however long its link was down (a lossy cache).
             "--cluster-replica-validity-factor",
             "0",
