@@ -9,6 +9,7 @@ ACL user, as docker-compose runs Redis."""
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -293,24 +294,31 @@ def test_a_master_killed_during_traffic(make_redis_cluster, replicas: int) -> No
         server.stop()
 
 
-def test_tls_and_an_acl_user(make_redis_cluster, certificates) -> None:
+def test_tls_and_an_acl_user(make_redis_cluster, certificates, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="minicache_server")
+    password = "password-of-minicache-0123"
     redis_cluster = make_redis_cluster(
         masters=3,
         tls_cert=certificates["server.pem"],
         tls_key=certificates["server.key"],
         tls_ca=certificates["ca.pem"],
         username="minicache",
-        password="password-of-minicache-0123",
+        password=password,
     )
     assert redis_cluster.url.startswith("rediss://")
     server = cluster_server(
         redis_cluster,
         "tls",
         redis_username="minicache",
-        redis_password="password-of-minicache-0123",
+        redis_password=password,
         redis_tls_ca=str(certificates["ca.pem"]),
     )
     try:
+        # The start-up log names the startup nodes, never the password.
+        answered = [r for r in caplog.records if r.getMessage() == "Redis Cluster tier answers"]
+        assert [record.redis for record in answered] == [redis_cluster.startup_nodes]
+        assert not any(password in record.getMessage() for record in caplog.records)
+        assert not any(password in str(record.__dict__) for record in caplog.records)
         with client_of(server) as client:
             sent = {f"s{index}": put(client, f"s{index}", 600 + index) for index in range(5)}
             assert client.lookup("m", "s0").overflow_groups == LAYERS
