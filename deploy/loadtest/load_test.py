@@ -498,6 +498,7 @@ class Recorder:
     payload_bytes: Counter[str] = field(default_factory=Counter)
     misses: Counter[str] = field(default_factory=Counter)
     errors: Counter[tuple[str, str]] = field(default_factory=Counter)
+    retries: Counter[str] = field(default_factory=Counter)
     first_error: dict[tuple[str, str], str] = field(default_factory=dict)
     tier_reads: dict[str, float] = field(
         default_factory=lambda: {"device": 0.0, "overflow": 0.0, "miss": 0.0}
@@ -542,6 +543,7 @@ class Recorder:
         self.payload_bytes.update(other.payload_bytes)
         self.misses.update(other.misses)
         self.errors.update(other.errors)
+        self.retries.update(other.retries)
         self.recompute_reasons.update(other.recompute_reasons)
         for key, message in other.first_error.items():
             self.first_error.setdefault(key, message)
@@ -584,17 +586,51 @@ def status_code(exc: Exception) -> str:
 OK, MISS, FAILED = "ok", "miss", "failed"
 
 
-def timed(recorder: Recorder, operation: str, call: Callable[[], Any]) -> tuple[str, Any]:
-    """Run one request: (OK, its result), or (MISS or FAILED, None) after recording it."""
+@dataclass(frozen=True)
+class WriteRetry:
+    """Retries of a put or append the server refused UNAVAILABLE (its staging is full
+    for a moment: "retry shortly"): up to `retries` more attempts, after `first_wait_s`,
+    doubling, at most `max_wait_s` each. A refused write leaves the sequence as it was,
+    so it can be sent again. gRPC's own retry (the SDK's channel config) cannot do it:
+    a streamed put is larger than the buffer gRPC replays."""
+
+    retries: int = 0
+    first_wait_s: float = 0.2
+    max_wait_s: float = 3.2
+
+    def waits(self) -> list[float]:
+        return [min(self.first_wait_s * 2**n, self.max_wait_s) for n in range(self.retries)]
+
+
+NO_RETRY = WriteRetry()
+
+
+def timed(
+    recorder: Recorder,
+    operation: str,
+    call: Callable[[], Any],
+    retry: WriteRetry = NO_RETRY,
+) -> tuple[str, Any]:
+    """Run one request: (OK, its result), or (MISS or FAILED, None) after recording it.
+    The latency recorded is the whole call's, retries and their waits included."""
     started = time.perf_counter()
-    try:
-        result = call()
-    except (CacheError, ValueError) as exc:
-        if is_miss(exc):
-            recorder.misses[operation] += 1
-            return MISS, None
-        recorder.error(operation, status_code(exc), str(exc))
-        return FAILED, None
+    waits = retry.waits()
+    while True:
+        try:
+            result = call()
+            break
+        except UnavailableError as exc:
+            if not waits:
+                recorder.error(operation, status_code(exc), str(exc))
+                return FAILED, None
+            recorder.retries[operation] += 1
+            time.sleep(waits.pop(0))
+        except (CacheError, ValueError) as exc:
+            if is_miss(exc):
+                recorder.misses[operation] += 1
+                return MISS, None
+            recorder.error(operation, status_code(exc), str(exc))
+            return FAILED, None
     recorder.latencies[operation].append(time.perf_counter() - started)
     recorder.completed(operation)
     return OK, result
@@ -613,6 +649,7 @@ class Workload:
     appends_per_turn: int
     keep: bool
     wire_form: str
+    retry: WriteRetry = NO_RETRY
 
 
 class ConversationPlayer:
@@ -708,6 +745,7 @@ class ConversationPlayer:
                 policy=workload.policy if start == 0 else "",
                 seal=seal,
             ),
+            workload.retry,
         )
         if outcome != OK:
             self._committed(None)
@@ -726,6 +764,7 @@ class ConversationPlayer:
             lambda: self.client.append(
                 workload.model_id, sequence_id, layers, dtype=workload.dtype, start_token=start
             ),
+            workload.retry,
         )
         if outcome != OK:
             self._committed(None)
@@ -927,6 +966,9 @@ class Progress:
     def __init__(self, args: argparse.Namespace) -> None:
         self.bar = None
         self.by_time = bool(args.duration_s)
+        # A terminal sees the bar move; a log file gets a line every half minute.
+        self.interval_s = 1.0 if sys.stderr.isatty() else 30.0
+        self.shown_at = -math.inf
         if args.no_progress:
             return
         from tqdm import tqdm
@@ -936,13 +978,14 @@ class Progress:
             total=total,
             unit="s" if self.by_time else "conv",
             file=sys.stderr,
-            mininterval=1.0 if sys.stderr.isatty() else 30.0,
+            mininterval=self.interval_s,
             dynamic_ncols=True,
         )
 
     def show(self, recorders: Sequence[Recorder], elapsed: float) -> None:
-        if self.bar is None:
+        if self.bar is None or elapsed - self.shown_at < self.interval_s:
             return
+        self.shown_at = elapsed
         conversations = sum(r.conversations for r in recorders)
         position = min(elapsed, self.bar.total) if self.by_time else conversations
         self.bar.n = round(position, 1) if self.by_time else position
@@ -985,6 +1028,7 @@ def build_report(
             "ok": ok,
             "misses": recorder.misses[operation],
             "errors": errors,
+            "retries": recorder.retries[operation],
             "requests_per_s": (ok + recorder.misses[operation] + errors) / elapsed,
             "latency_ms": reporting.latency_summary(latencies),
             "gb_per_s": recorder.payload_bytes[operation] / elapsed / 1e9,
@@ -1047,26 +1091,32 @@ def build_report(
     return report
 
 
+DEVICE_TIERS = ("host", "gpu")  # the device tier's names (DeviceTier.name)
+
+
 def server_figures(
     series: dict[str, dict[str, Any]], elapsed: float, warmup_s: float
 ) -> dict[str, Any]:
-    """The scraped figures: entries served by tier (over the run), memory drift."""
+    """The scraped figures: entries served by tier over the run (raw, and as shares of
+    device, overflow and miss like the client's `hit_rate`), memory drift."""
     hits = reporting.counter_deltas(series, "hits")
     misses = reporting.counter_deltas(series, "misses")
     total = sum(hits.values()) + sum(misses.values())
-    warmup = warmup_s if warmup_s >= 0 else elapsed / 5
+    device = sum(count for tier, count in hits.items() if tier in DEVICE_TIERS)
+    shares = (
+        {
+            "device": device / total,
+            "overflow": (sum(hits.values()) - device) / total,
+            "miss": sum(misses.values()) / total,
+        }
+        if total
+        else {}
+    )
     return {
         "servers": series,
         "server_hits": {"by_tier": hits, "misses_by_reason": misses},
-        "server_hit_rate": (
-            {
-                **{tier: count / total for tier, count in hits.items()},
-                "miss": sum(misses.values()) / total,
-            }
-            if total
-            else {}
-        ),
-        "memory": reporting.memory_drift(series, warmup),
+        "server_hit_rate": shares,
+        "memory": reporting.memory_drift(series, warmup_s if warmup_s >= 0 else elapsed / 5),
     }
 
 
@@ -1204,6 +1254,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--no-seal", dest="seal", action="store_false", help="do not seal prompt puts")
     add("--keep", action="store_true", help="do not delete sequences at the end")
     add("--seed", type=int, default=0)
+    add("--write-retries", type=int, default=4, help="retries of a write refused UNAVAILABLE")
     add("--workers", default="", help="worker mode: comma-separated host:port of workers")
     add("--worker-token-file", default="", help="worker mode: file of the workers' token")
     add("--max-new-tokens", type=int, default=8, help="worker mode: tokens generated a turn")
@@ -1228,8 +1279,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("max_new_tokens", "max_prompt_chars", "max_turns", "plot_dpi"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.appends_per_turn < 0 or args.max_sequences < 0 or args.duration_s < 0:
-        parser.error("--appends-per-turn, --max-sequences and --duration-s must be >= 0")
+    if min(args.appends_per_turn, args.max_sequences, args.duration_s, args.write_retries) < 0:
+        parser.error(
+            "--appends-per-turn, --max-sequences, --duration-s and --write-retries must be >= 0"
+        )
     if not args.duration_s and not args.max_sequences:
         parser.error("set --duration-s or --max-sequences: the run must be bounded")
     if args.timeout_s <= 0 or args.bucket_s <= 0 or args.sample_interval_s <= 0:
@@ -1353,6 +1406,7 @@ def run_cache(
         appends_per_turn=args.appends_per_turn,
         keep=args.keep,
         wire_form=args.wire_form,
+        retry=WriteRetry(args.write_retries),
     )
     print(
         f"running: {args.concurrency} conversations at once, "

@@ -360,14 +360,14 @@ def write_plots(report: Mapping[str, Any], directory: str | Path, dpi: int = 100
         ),
         bar_plot(
             out / "hit_rate.png",
-            f"Prefetches by tier ({report['hit_rate'].get('prefetches', 0)} reads)",
+            f"Resumed turns by tier ({report['hit_rate'].get('prefetches') or 0:.0f} reads)",
             "share",
             {
                 "client (lookup before prefetch)": {
                     tier: report["hit_rate"].get(tier) or 0.0
                     for tier in ("device", "overflow", "miss")
                 },
-                "server (entries served)": report.get("server_hit_rate") or {},
+                "server (entries served, /metrics)": report.get("server_hit_rate") or {},
             },
             dpi=dpi,
         ),
