@@ -184,7 +184,7 @@ def test_redis_cluster_takes_its_startup_nodes_from_the_url() -> None:
     assert settings.redis_cluster and settings.tier_names() == ["device", "redis"]
     address = parse_cluster_url(settings.redis_url)
     assert address.tls and address.username == "minicache"
-    assert address.nodes == [("10.0.0.1", 6379), ("10.0.0.2", 6380), ("::1", 6381)]
+    assert address.nodes == (("10.0.0.1", 6379), ("10.0.0.2", 6380), ("::1", 6381))
     environ = {**INSECURE, "MINICACHE_REDIS_MODE": "cluster", "MINICACHE_REDIS_URL": url + "/0"}
     assert load_settings([], environ).redis_cluster
 

@@ -72,13 +72,9 @@ class ClusterAddress:
     (`rediss://` for TLS), each host:port a startup node."""
 
     tls: bool
-    nodes: list[tuple[str, int]]
+    nodes: tuple[tuple[str, int], ...]
     username: str
     password: str
-
-    def __str__(self) -> str:
-        """The startup nodes, for logs (never the credentials)."""
-        return ",".join(f"{host}:{port}" for host, port in self.nodes)
 
 
 def parse_cluster_url(url: str) -> ClusterAddress:
@@ -100,7 +96,9 @@ def parse_cluster_url(url: str) -> ClusterAddress:
         if not node.strip() or port <= 0 or host == "0.0.0.0":
             raise ValueError(f"a startup node must be host:port, not {node.strip()!r}")
         nodes.append((host, port))
-    return ClusterAddress(parts.scheme == "rediss", nodes, unquote(username), unquote(password))
+    return ClusterAddress(
+        parts.scheme == "rediss", tuple(nodes), unquote(username), unquote(password)
+    )
 
 
 def check_key_prefix(prefix: str) -> None:
