@@ -13,13 +13,18 @@ listens on `host` (any 127.0.0.x; announced as such to peers and clients), on it
 ports; `url` names them all as startup nodes, `pids` their processes.
 
 Optional TLS (`tls_cert`, `tls_key`, `tls_ca`: client port, cluster bus and
-replication all over TLS, no plaintext port, client certificates not required) and
-authentication (`password` alone: the default user's password; `username` and
+replication all over TLS, no plaintext port, client certificates not required from
+clients). The cluster bus always asks a peer node for its certificate: a node presents
+`tls_client_cert` and `tls_client_key` when given, else `tls_cert`, which then must
+also be valid for client authentication (deploy/certs/generate.sh's redis.crt is for
+server authentication only: pass its client.crt and client.key). Authentication is
+optional too (`password` alone: the default user's password; `username` and
 `password`: an ACL user without admin commands, as deploy/certs/generate.sh writes for
 docker-compose, and the default user off). The class itself administers the nodes
 (cluster creation, replication) as `admin_username` with a random password, written to
 the nodes' ACL file only (never on a command line). With TLS, clients check that the
-certificate names `host` (deploy/certs/generate.sh's redis.crt names 127.0.0.1).
+certificate names `host` (deploy/certs/generate.sh's redis.crt names 127.0.0.1 and
+the addresses in MINICACHE_CERT_IPS).
 """
 
 from __future__ import annotations
@@ -71,6 +76,8 @@ class RedisCluster:
         tls_cert: str | Path = "",
         tls_key: str | Path = "",
         tls_ca: str | Path = "",
+        tls_client_cert: str | Path = "",
+        tls_client_key: str | Path = "",
         username: str = "",
         password: str = "",
         node_timeout_ms: int = 1000,
@@ -81,6 +88,8 @@ class RedisCluster:
             raise ValueError("replicas must be 0, 1 or 2 per master")
         if bool(tls_cert) != bool(tls_key) or (bool(tls_cert) and not tls_ca):
             raise ValueError("TLS needs tls_cert, tls_key and tls_ca together")
+        if bool(tls_client_cert) != bool(tls_client_key) or (tls_client_cert and not tls_cert):
+            raise ValueError("tls_client_cert and tls_client_key go together, with tls_cert")
         if username and not password:
             raise ValueError("an ACL username needs a password")
         if node_timeout_ms < 100:
@@ -95,6 +104,7 @@ class RedisCluster:
         self.masters = masters
         self.replicas = replicas
         self.tls = (str(tls_cert), str(tls_key), str(tls_ca)) if tls_cert else None
+        self.tls_client = (str(tls_client_cert), str(tls_client_key)) if tls_client_cert else None
         self.username = username
         self.password = password
         self.node_timeout_ms = node_timeout_ms
@@ -217,6 +227,10 @@ class RedisCluster:
             args += ["--tls-cert-file", cert, "--tls-key-file", key, "--tls-ca-cert-file", ca]
             args += ["--tls-auth-clients", "no", "--tls-cluster", "yes"]
             args += ["--tls-replication", "yes"]
+            if self.tls_client:
+                client_cert, client_key = self.tls_client
+                args += ["--tls-client-cert-file", client_cert]
+                args += ["--tls-client-key-file", client_key]
         else:
             args += ["--port", str(port)]
         if acl_file is not None:

@@ -302,6 +302,8 @@ def test_tls_and_an_acl_user(make_redis_cluster, certificates, caplog) -> None:
         tls_cert=certificates["server.pem"],
         tls_key=certificates["server.key"],
         tls_ca=certificates["ca.pem"],
+        tls_client_cert=certificates["client.pem"],  # what nodes show each other
+        tls_client_key=certificates["client.key"],
         username="minicache",
         password=password,
     )
