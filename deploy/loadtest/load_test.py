@@ -399,6 +399,43 @@ def compare_layers(
     return None
 
 
+class SequenceMirror:
+    """The encoder state of one sequence as this load thread wrote it, kept between
+    checks: a later check whose history extends the one encoded applies only the new
+    writes (a conversation's turn k would otherwise encode turns 1..k again)."""
+
+    def __init__(self) -> None:
+        self.identity: tuple[int, str] | None = None
+        self.encoded: tuple[Write, ...] = ()
+        self.encoder: SequenceEncoder | None = None
+
+    def encoder_for(
+        self, expected: ExpectedKV, source: int, policy_json: str, history: Sequence[Write]
+    ) -> SequenceEncoder:
+        """The encoder after `history`: this one moved on, or a new one."""
+        kv = expected.kv
+        history = tuple(history)
+        done = len(self.encoded)
+        if (
+            self.encoder is None
+            or self.identity != (source, policy_json)
+            or history[:done] != self.encoded
+        ):
+            self.encoder = SequenceEncoder(
+                expected.policy(policy_json),
+                num_layers=kv.num_layers,
+                kv_heads=kv.kv_heads,
+                head_dim=kv.head_dim,
+                dtype=kv.dtype,
+            )
+            self.identity, self.encoded, done = (source, policy_json), (), 0
+        for write in history[done:]:
+            for layer, (keys, values) in enumerate(kv.span(source, write.start, write.end)):
+                self.encoder.put_layer(layer, keys, values, seal=write.seal)
+        self.encoded = history
+        return self.encoder
+
+
 class ExpectedKV:
     """What a prefetch of a whole sequence must return, computed with the SDK's encoder
     and decoder (`SequenceEncoder`: what the server runs) for the same KV, policy and
@@ -407,8 +444,9 @@ class ExpectedKV:
     `check` compares a prefetch's layers with those digests; on a difference it
     restores the expectation in full and compares element by element
     (`compare_layers`), so that a result equal within two units in the last place (a
-    different order of floating-point operations) is not a wrong tensor. Thread safe:
-    two threads may compute the same expectation once each, never a different one.
+    different order of floating-point operations) is not a wrong tensor. Thread safe
+    (each thread brings its own `SequenceMirror`): two threads may compute the same
+    expectation once each, never a different one.
     """
 
     def __init__(self, kv: KVSource, max_entries: int = MAX_EXPECTATIONS) -> None:
@@ -430,25 +468,25 @@ class ExpectedKV:
         return policy
 
     def restore(
-        self, source: int, policy_json: str, history: Sequence[Write]
+        self,
+        source: int,
+        policy_json: str,
+        history: Sequence[Write],
+        mirror: SequenceMirror | None = None,
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Every layer's (keys, values) after `history`, as the server restores them."""
         if not history or history[0].start != 0:
             raise ValueError("a history starts with a write from token 0")
-        kv = self.kv
-        encoder = SequenceEncoder(
-            self.policy(policy_json),
-            num_layers=kv.num_layers,
-            kv_heads=kv.kv_heads,
-            head_dim=kv.head_dim,
-            dtype=kv.dtype,
-        )
-        for write in history:
-            for layer, (keys, values) in enumerate(kv.span(source, write.start, write.end)):
-                encoder.put_layer(layer, keys, values, seal=write.seal)
+        encoder = (mirror or SequenceMirror()).encoder_for(self, source, policy_json, history)
         return encoder.restore_all(0, history[-1].end)
 
-    def digests(self, source: int, policy_json: str, history: Sequence[Write]) -> tuple[bytes, ...]:
+    def digests(
+        self,
+        source: int,
+        policy_json: str,
+        history: Sequence[Write],
+        mirror: SequenceMirror | None = None,
+    ) -> tuple[bytes, ...]:
         key = (source, policy_json, tuple(history))
         with self._lock:
             digests = self._digests.get(key)
@@ -458,7 +496,7 @@ class ExpectedKV:
                 return digests
         digests = tuple(
             layer_digest(keys, values)
-            for keys, values in self.restore(source, policy_json, history)
+            for keys, values in self.restore(source, policy_json, history, mirror)
         )
         with self._lock:
             self.computed += 1
@@ -473,12 +511,13 @@ class ExpectedKV:
         policy_json: str,
         history: Sequence[Write],
         received: Sequence[tuple[np.ndarray, np.ndarray]],
+        mirror: SequenceMirror | None = None,
     ) -> tuple[Mismatch | None, bool]:
         """(None or the first mismatch, whether the element-wise comparison was needed)."""
-        expected = self.digests(source, policy_json, history)
+        expected = self.digests(source, policy_json, history, mirror)
         if tuple(layer_digest(keys, values) for keys, values in received) == expected:
             return None, False
-        restored = self.restore(source, policy_json, history)
+        restored = self.restore(source, policy_json, history, mirror)
         return compare_layers(received, restored, self.kv.dtype), True
 
 
@@ -674,11 +713,13 @@ class ConversationPlayer:
         self.last_put: Any = None
         self.source = 0
         self.history: list[Write] = []
+        self.mirror = SequenceMirror()
 
     def play(self, sequence_id: str, source: int, conversation: Conversation) -> None:
         self.last_put = None
         self.source = source
         self.history = []
+        self.mirror = SequenceMirror()
         held = 0  # tokens the server holds, as far as this worker knows
         context = 0  # tokens of the conversation so far
         written = False
@@ -810,7 +851,7 @@ class ConversationPlayer:
         recorder.payload_bytes["prefetch"] += sum(k.nbytes + v.nbytes for k, v in received)
         recorder.checked_prefetches += 1
         mismatch, elementwise = self.expected.check(
-            self.source, found.policy, self.history, received
+            self.source, found.policy, self.history, received, self.mirror
         )
         recorder.compared_elementwise += elementwise
         if mismatch is not None:
