@@ -9,6 +9,9 @@ machine, each node on its own loopback address, with TLS and bearer tokens every
 Nodes (NET is `--net`, default 127.0.0; every node listens on its own address only):
 
     redis            NET.2:6379            TLS only, ACL user `minicache` (as in compose)
+    redis-j          NET.2:<free port>     `--redis cluster`: a Redis Cluster of 3 masters
+                                           (and `--redis-replicas` each), TLS on client
+                                           port, bus and replication, the same ACL user
     cache-server-i   NET.(11+i):50051      metrics NET.(11+i):9464/metrics, i < 10;
                                            plaintext grpc.health.v1 only on :8086 (it
                                            answers NOT_SERVING while the server drains;
@@ -73,7 +76,8 @@ GENERATE_CERTS = REPO_ROOT / "deploy" / "certs" / "generate.sh"
 BIN_DIR = Path(sys.executable).parent
 STATE_FILE = "cluster.json"
 
-REDIS_MODES = ("single", "none")
+REDIS_MODES = ("single", "cluster", "none")
+REDIS_CLUSTER_MASTERS = 3
 MAX_SERVERS = 10
 MAX_WORKERS = 10
 REDIS_PORT = 6379
@@ -111,6 +115,9 @@ class Node:
     process: subprocess.Popen | None = field(default=None, repr=False)
     pid: int | None = None
     started_at: float | None = None
+    # False for Redis Cluster nodes, which tests/service/redis_cluster.py starts in the
+    # runner's own process group: signalled by pid alone.
+    own_group: bool = True
 
     @property
     def target(self) -> str:
@@ -175,10 +182,14 @@ def _live_process(pid: int | None, started_at: float | None) -> psutil.Process |
         return None
 
 
-def _signal_group(pid: int, sig: int) -> None:
-    """Signal the node's process group (its pid: each node leads a session)."""
+def _signal_group(pid: int, sig: int, own_group: bool = True) -> None:
+    """Signal the node's process group (its pid: each node leads a session), or only
+    the process when it has no group of its own."""
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, sig)
+        if own_group:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
 
 
 def _log_tail(path: Path, chars: int = 3000) -> str:
@@ -227,8 +238,10 @@ class Cluster:
     """The local cluster of one state directory (see the module docstring).
 
     servers: cache servers, 1 to 10. workers: inference workers, 0 to 10.
-    redis: "single" (one TLS Redis, the servers' overflow tier) or "none" (device tier
-        only: a full budget refuses writes).
+    redis: "single" (one TLS Redis, the servers' overflow tier), "cluster" (a Redis
+        Cluster of 3 masters and `redis_replicas` replicas each, tests/service/
+        redis_cluster.py's `RedisCluster`) or "none" (device tier only: a full budget
+        refuses writes).
     device_budget: each cache server's MINICACHE_DEVICE_BUDGET_BYTES ("64MiB", bytes).
     policy: None (the services' `default`) or a preset name or policy JSON file: the
         servers' MINICACHE_DEFAULT_POLICY and the workers' MINICACHE_WORKER_DEFAULT_POLICY.
@@ -259,6 +272,7 @@ class Cluster:
         worker_threads: int = 1,
         model: str = "smollm2",
         redis_maxmemory: str = "256mb",
+        redis_replicas: int = 0,
         ready_timeout_s: float = 600.0,
         die_with_parent: bool = True,
         stop_requested: threading.Event | None = None,
@@ -285,6 +299,8 @@ class Cluster:
             raise ValueError(f"grace_s must be >= 0, got {grace_s!r}")
         if not isinstance(worker_threads, int) or worker_threads < 1:
             raise ValueError(f"worker_threads must be >= 1, got {worker_threads!r}")
+        if redis_replicas not in (0, 1, 2):
+            raise ValueError(f"redis_replicas must be 0, 1 or 2, got {redis_replicas!r}")
         if not ready_timeout_s > 0:
             raise ValueError(f"ready_timeout_s must be > 0, got {ready_timeout_s!r}")
         self.state_dir = Path(state_dir).resolve()
@@ -298,6 +314,8 @@ class Cluster:
         self.worker_threads = worker_threads
         self.model = model
         self.redis_maxmemory = redis_maxmemory
+        self.redis_replicas = redis_replicas
+        self.redis_cluster: Any = None  # the RedisCluster of mode "cluster", once up
         self.ready_timeout_s = float(ready_timeout_s)
         self.die_with_parent = die_with_parent
         self.stop_requested = stop_requested or threading.Event()
@@ -328,7 +346,11 @@ class Cluster:
         return env
 
     def _redis_url(self) -> str:
-        return f"rediss://{self.redis_nodes[0].target}/0" if self.redis_nodes else ""
+        if self.redis_cluster is not None:
+            return self.redis_cluster.url
+        if self.redis_mode == "single":
+            return f"rediss://{self.redis_nodes[0].target}/0"
+        return ""
 
     def _redis_node(self) -> Node:
         host = self._host(REDIS_HOST)
@@ -370,10 +392,10 @@ class Cluster:
             "MINICACHE_GRACE_S": str(self.grace_s),
             "MINICACHE_LOG_FORMAT": "json",
         }
-        if self.redis_nodes:
+        if self.redis_mode != "none":  # MINICACHE_REDIS_URL once Redis is up
             env.update(
                 {
-                    "MINICACHE_REDIS_URL": self._redis_url(),
+                    "MINICACHE_REDIS_MODE": self.redis_mode,
                     "MINICACHE_REDIS_USERNAME": REDIS_USER,
                     "MINICACHE_REDIS_PASSWORD_FILE": c.path("redis-password"),
                     "MINICACHE_REDIS_TLS_CA": c.ca,
@@ -435,10 +457,15 @@ class Cluster:
         try:
             self._write_credentials()
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            for node in self.redis_nodes:
+            if self.redis_mode == "cluster":
+                self._start_redis_cluster()
+            for node in self.redis_nodes if self.redis_mode == "single" else []:
                 (self.state_dir / "redis").mkdir(parents=True, exist_ok=True)
                 self._spawn(node)
             self._wait_healthy(self.redis_nodes)
+            for node in self.servers:
+                if self.redis_mode != "none":
+                    node.env["MINICACHE_REDIS_URL"] = self._redis_url()
             for node in [*self.servers, *self.workers]:
                 self._spawn(node)
             self._wait_healthy([*self.servers, *self.workers])
@@ -453,6 +480,8 @@ class Cluster:
         group, SIGKILL after its stop timeout. Idempotent."""
         for node in reversed(self.nodes):
             self._stop(node)
+        if self.redis_cluster is not None:
+            self.redis_cluster.stop()  # reaps its children
         if (self.state_dir / STATE_FILE).exists():
             self._write_state("stopped")
 
@@ -468,6 +497,9 @@ class Cluster:
         node = self.node(name)
         if node.pid is None or _live_process(node.pid, node.started_at) is None:
             raise ClusterError(f"{name} is not running")
+        if not node.own_group:
+            self.redis_cluster.kill_node(self.redis_nodes.index(node), sig)  # waits
+            return
         _signal_group(node.pid, sig)
         if sig == signal.SIGKILL:
             self.wait_exit(name, timeout_s=30.0)
@@ -494,6 +526,14 @@ class Cluster:
         settings (same address, same Redis key prefix), and wait until it is healthy."""
         node = self.node(name)
         self._stop(node)
+        if not node.own_group:
+            index = self.redis_nodes.index(node)
+            try:  # back in the cluster: every node agrees it is whole again
+                self.redis_cluster.restart_node(index, timeout_s=self.ready_timeout_s)
+            finally:
+                self._track_redis_cluster_node(node, index)
+                self._write_state("running")
+            return
         self._spawn(node)
         try:
             self._wait_healthy([node])
@@ -564,7 +604,10 @@ class Cluster:
     # -- processes --------------------------------------------------------------------
 
     def _write_credentials(self) -> None:
-        env = {**os.environ, "MINICACHE_CERT_IPS": ",".join(node.host for node in self.nodes)}
+        hosts = {node.host for node in self.nodes}
+        if self.redis_mode != "none":  # Redis Cluster nodes exist only once started
+            hosts.add(self._host(REDIS_HOST))
+        env = {**os.environ, "MINICACHE_CERT_IPS": ",".join(sorted(hosts))}
         result = subprocess.run(
             ["bash", str(GENERATE_CERTS), "--out", str(self.credentials.directory)],
             env=env,
@@ -596,6 +639,48 @@ class Cluster:
             node.started_at = None  # already gone: the health wait reports its log
         self._write_state("starting")
 
+    def _start_redis_cluster(self) -> None:
+        """A Redis Cluster with the single Redis' TLS certificate and ACL user; its
+        nodes become `redis-0`, `redis-1`, ..."""
+        sys.path.insert(0, str(REPO_ROOT / "tests" / "service"))
+        from redis_cluster import RedisCluster
+
+        c = self.credentials
+        self.redis_cluster = RedisCluster(
+            self.state_dir / "redis-cluster",
+            host=self._host(REDIS_HOST),
+            masters=REDIS_CLUSTER_MASTERS,
+            replicas=self.redis_replicas,
+            tls_cert=c.path("redis.crt"),
+            tls_key=c.path("redis.key"),
+            tls_ca=c.ca,
+            # What the nodes show each other on the cluster bus (redis.crt is serverAuth).
+            tls_client_cert=c.path("client.crt"),
+            tls_client_key=c.path("client.key"),
+            username=REDIS_USER,
+            password=Path(c.path("redis-password")).read_text().strip(),
+        )
+        self.redis_cluster.start()
+        self.redis_nodes = []
+        for index, address in enumerate(self.redis_cluster.startup_nodes):
+            host, port = address.rsplit(":", 1)
+            node = Node(
+                f"redis-{index}", "redis", host, int(port), None, [], {},
+                self.redis_cluster.directory / f"node-{index}" / "redis.log",
+                stop_timeout_s=10.0, own_group=False,
+            )  # fmt: skip
+            self._track_redis_cluster_node(node, index)
+            self.redis_nodes.append(node)
+        self._write_state("starting")
+
+    def _track_redis_cluster_node(self, node: Node, index: int) -> None:
+        process = self.redis_cluster.processes[index]
+        node.pid = process.pid if process is not None else None
+        node.started_at = None
+        if node.pid is not None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                node.started_at = psutil.Process(node.pid).create_time()
+
     def _check_running(self, node: Node) -> None:
         if node.process is not None and node.process.poll() is not None:
             raise ClusterError(
@@ -621,6 +706,11 @@ class Cluster:
             time.sleep(PROBE_INTERVAL_S)
 
     def _stop(self, node: Node) -> None:
+        if not node.own_group:  # a Redis Cluster node: its class holds the process
+            index = self.redis_nodes.index(node)
+            if self.redis_cluster.is_running(index):
+                self.redis_cluster.kill_node(index, signal.SIGTERM)
+            return
         if node.pid is not None:
             stop_node(node.pid, node.started_at, node.stop_timeout_s)
         if node.process is not None:
@@ -640,6 +730,7 @@ class Cluster:
                 "pid": node.pid,
                 "started_at": node.started_at,
                 "stop_timeout_s": node.stop_timeout_s,
+                "own_group": node.own_group,
                 "log": str(node.log_path),
             }
             for node in self.nodes
@@ -651,23 +742,23 @@ class Cluster:
         partial.replace(path)
 
 
-def stop_node(pid: int, started_at: float | None, timeout_s: float) -> bool:
-    """SIGTERM the node's process group, SIGKILL it after `timeout_s`; True if it was
-    running."""
+def stop_node(pid: int, started_at: float | None, timeout_s: float, own_group: bool = True) -> bool:
+    """SIGTERM the node's process group (or the process alone), SIGKILL it after
+    `timeout_s`; True if it was running."""
     process = _live_process(pid, started_at)
     if process is None:
         return False
-    _signal_group(pid, signal.SIGTERM)
+    _signal_group(pid, signal.SIGTERM, own_group)
     try:
         process.wait(timeout=timeout_s)
     except psutil.TimeoutExpired:
-        _signal_group(pid, signal.SIGKILL)
+        _signal_group(pid, signal.SIGKILL, own_group)
         try:
             process.wait(timeout=10)
         except psutil.TimeoutExpired as exc:
             raise ClusterError(f"pid {pid} survived SIGKILL for 10 s") from exc
-    # Whatever else is left in its group (a child that ignored SIGTERM).
-    _signal_group(pid, signal.SIGKILL)
+    if own_group:  # whatever else is left in its group (a child that ignored SIGTERM)
+        _signal_group(pid, signal.SIGKILL)
     return True
 
 
@@ -713,6 +804,7 @@ def run_up(args: argparse.Namespace) -> int:
         net=args.net,
         grace_s=args.grace_s,
         worker_threads=args.worker_threads,
+        redis_replicas=args.redis_replicas,
         ready_timeout_s=args.ready_timeout_s,
         die_with_parent=args.foreground,
         stop_requested=stop_requested,
@@ -757,9 +849,10 @@ def run_down(args: argparse.Namespace) -> int:
     stopped = 0
     # Workers first, then servers (which write their device tier down to Redis), Redis last.
     for node in reversed(state["nodes"]):
-        if node["pid"] is not None and stop_node(
-            node["pid"], node["started_at"], node["stop_timeout_s"]
-        ):
+        stopped_now = node["pid"] is not None and stop_node(
+            node["pid"], node["started_at"], node["stop_timeout_s"], node.get("own_group", True)
+        )
+        if stopped_now:
             print(f"stopped {node['name']} (pid {node['pid']})", flush=True)
             stopped += 1
     state["status"] = "stopped"
@@ -809,6 +902,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--servers", type=int, default=3, help=f"cache servers, 1 to {MAX_SERVERS}")
     up.add_argument("--workers", type=int, default=2, help=f"inference workers, 0 to {MAX_WORKERS}")
     up.add_argument("--redis", choices=REDIS_MODES, default="single", help="the overflow tier")
+    up.add_argument(
+        "--redis-replicas", type=int, default=0, help="--redis cluster: replicas per master"
+    )
     up.add_argument("--device-budget", default="64MiB", help="each server's device tier budget")
     up.add_argument("--policy", default=None, help="default policy: preset or JSON file")
     up.add_argument("--net", default="127.0.0", help="first three octets of the nodes' addresses")
