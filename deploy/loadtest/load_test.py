@@ -1136,7 +1136,7 @@ DEVICE_TIERS = ("host", "gpu")  # the device tier's names (DeviceTier.name)
 
 
 def server_figures(
-    series: dict[str, dict[str, Any]], elapsed: float, warmup_s: float
+    series: dict[str, dict[str, Any]], elapsed: float, warmup_s: float, duration_s: float
 ) -> dict[str, Any]:
     """The scraped figures: entries served by tier over the run (raw, and as shares of
     device, overflow and miss like the client's `hit_rate`), memory drift."""
@@ -1157,7 +1157,11 @@ def server_figures(
         "servers": series,
         "server_hits": {"by_tier": hits, "misses_by_reason": misses},
         "server_hit_rate": shares,
-        "memory": reporting.memory_drift(series, warmup_s if warmup_s >= 0 else elapsed / 5),
+        "memory": reporting.memory_drift(
+            series,
+            warmup_s if warmup_s >= 0 else min(elapsed, duration_s or elapsed) / 5,
+            duration_s or math.inf,
+        ),
     }
 
 
@@ -1204,7 +1208,8 @@ def print_summary(report: dict[str, Any]) -> None:
     for name, drift in report.get("memory", {}).items():
         if "change_pct" in drift:
             print(
-                f"{name}: resident memory after {drift['warmup_s']:.0f} s warm-up "
+                f"{name}: resident memory from {drift['warmup_s']:.0f} to "
+                f"{drift['until_s']:.0f} s "
                 f"{drift['first_mib']:.0f} -> {drift['last_mib']:.0f} MiB "
                 f"({drift['change_pct']:+.1f} %, range {drift['range_pct']:.1f} %)"
             )
@@ -1407,7 +1412,7 @@ def run(args: argparse.Namespace, expected: ExpectedKV | None = None) -> dict[st
                 extra["expectations"] = {"computed": expected.computed, "reused": expected.reused}
         finally:
             sampler.stop()
-        extra.update(server_figures(sampler.series(), elapsed, args.warmup_s))
+        extra.update(server_figures(sampler.series(), elapsed, args.warmup_s, args.duration_s))
         try:
             extra["stats_at_end"] = {
                 target: vars(stats)

@@ -187,15 +187,18 @@ def timeline(
     }
 
 
-def memory_drift(series: Mapping[str, Mapping[str, Any]], warmup_s: float) -> dict[str, Any]:
-    """Per server, resident memory after `warmup_s`: the first and last sample, min and
-    max, `change_pct` (last against first) and `range_pct` ((max - min) / first), in %.
-    "Flat within 5 %" means |change_pct| and range_pct both at most 5."""
+def memory_drift(
+    series: Mapping[str, Mapping[str, Any]], warmup_s: float, until_s: float = math.inf
+) -> dict[str, Any]:
+    """Per server, resident memory from `warmup_s` to `until_s` (the end of the offered
+    load, before the conversations in flight wind down): the first and last sample, min
+    and max, `change_pct` (last against first) and `range_pct` ((max - min) / first), in
+    %. "Flat within 5 %" means |change_pct| and range_pct both at most 5."""
     drift: dict[str, Any] = {}
     for name, server in series.items():
         t = np.asarray(server.get("t", []), dtype=np.float64)
         rss = np.asarray(server.get("rss_bytes", []), dtype=np.float64)
-        keep = (t >= warmup_s) & np.isfinite(rss)
+        keep = (t >= warmup_s) & (t <= until_s) & np.isfinite(rss)
         if keep.sum() < 2:
             drift[name] = {"warmup_s": warmup_s, "samples": int(keep.sum())}
             continue
@@ -203,6 +206,7 @@ def memory_drift(series: Mapping[str, Mapping[str, Any]], warmup_s: float) -> di
         first = float(after[0])
         drift[name] = {
             "warmup_s": warmup_s,
+            "until_s": min(until_s, float(t[keep][-1])),
             "samples": int(keep.sum()),
             "first_mib": first / 2**20,
             "last_mib": float(after[-1]) / 2**20,
