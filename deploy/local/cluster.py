@@ -1,7 +1,7 @@
 """The local multi-node runner: docker-compose.yml's topology as plain processes on this
 machine, each node on its own loopback address, with TLS and bearer tokens everywhere.
 
-    bash deploy/local/cluster.sh up [--servers 3] [--workers 2] [--redis single|none]
+    bash deploy/local/cluster.sh up [--servers 3] [--workers 2] [--redis single|cluster|none]
                                     [--device-budget 64MiB] [--policy NAME] [--foreground]
     bash deploy/local/cluster.sh status     # each node's health (exit 1 unless all serve)
     bash deploy/local/cluster.sh down       # stops every node `up` started
@@ -40,15 +40,15 @@ The Python API, for tests and load scripts:
         cluster.kill("cache-server-1")     # SIGKILL by default, waits for the exit
         cluster.restart("cache-server-1")  # starts it again, waits until it serves
 
-Nodes started by the API die with the process that started them (PR_SET_PDEATHSIG), so
-a test run that is killed leaves no orphans; `up` from the command line detaches them.
+Nodes started by the API die with the thread that started them (PR_SET_PDEATHSIG through
+util-linux's setpriv), so a test run that is killed leaves no orphans (Redis Cluster nodes excepted: their class
+starts them); `up` from the command line detaches them.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import re
@@ -91,7 +91,6 @@ REDIS_USER = "minicache"
 PROBE_TIMEOUT_S = 2.0
 PROBE_INTERVAL_S = 0.5
 SERVING = "SERVING"
-PR_SET_PDEATHSIG = 1
 
 
 class ClusterError(RuntimeError):
@@ -160,10 +159,18 @@ def first_token(tokens_file: str | Path) -> str:
     raise ClusterError(f"no token in {tokens_file}")
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when the process that started it dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+def _dying_with_parent(argv: list[str]) -> list[str]:
+    """`argv` run by util-linux's setpriv, which asks the kernel to SIGKILL it when the
+    thread that started it ends (PR_SET_PDEATHSIG, kept across exec). Not a
+    `preexec_fn`: Python code between fork and exec runs the at-fork handlers of gRPC,
+    which held a child up for a minute while the parent had calls open."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        raise ClusterError(
+            "setpriv (util-linux) is not installed; it makes nodes die with the process "
+            "that started them (die_with_parent=False does without)"
+        )
+    return [setpriv, "--pdeathsig", "KILL", "--", *argv]
 
 
 def _live_process(pid: int | None, started_at: float | None) -> psutil.Process | None:
@@ -251,7 +258,8 @@ class Cluster:
     worker_threads: OMP_NUM_THREADS of each worker (torch's threads).
     ready_timeout_s: how long `up` and `restart` wait for health (workers load the
         model first).
-    die_with_parent: nodes get SIGKILL when this process dies (the command line's
+    die_with_parent: nodes get SIGKILL when the thread that started them ends (call
+        `up` and `restart` from a thread that outlives the cluster; the command line's
         `up` turns it off to leave the cluster running).
     stop_requested: set it (e.g. from a signal handler) to make a waiting `up` or
         `restart` stop what it started and raise KeyboardInterrupt; a signal handler
@@ -623,14 +631,13 @@ class Cluster:
             log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S%z')} starting {node.name}\n".encode())
             log.flush()
             node.process = subprocess.Popen(
-                node.argv,
+                _dying_with_parent(node.argv) if self.die_with_parent else node.argv,
                 env=node.env,
                 cwd=self.state_dir,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: stopped as one
-                preexec_fn=_die_with_parent if self.die_with_parent else None,
             )
         node.pid = node.process.pid
         try:
@@ -783,9 +790,8 @@ def _print_addresses(info: dict[str, Any]) -> None:
         print(f"{node['name']:<15} {node['target']:<20} metrics http://{node['metrics']}/metrics")
     print(f"CA {info['ca']}")
     print(f"cache tokens {info['cache_token_file']}; worker tokens {info['worker_token_file']}")
-    print(
-        f"logs in {Path(info['state_dir']) / 'logs'}; state in {Path(info['state_dir']) / STATE_FILE}"
-    )
+    state_dir = Path(info["state_dir"])
+    print(f"logs in {state_dir / 'logs'}; state in {state_dir / STATE_FILE}")
 
 
 def run_up(args: argparse.Namespace) -> int:
