@@ -27,8 +27,12 @@ step (~200 concurrent sessions) still runs as threads and its fill takes minutes
    at the model's prefill time per token measured on this machine (`--prefill-ms-per-
    token`, default the bank build's: one forward pass of 2,048 tokens per conversation):
    the new prompt tokens of a hit, the whole context of a recompute. Decode time is not
-   charged (the same for a hit and a recompute). Per step: turns per second, hit rate,
-   prefetch p50/p95/p99, refused writes, errors.
+   charged (the same for a hit and a recompute). Each session computes on its own (as
+   if served by a worker of its own): the cache server is the only shared resource.
+   Per step: turns per second, hit rate, prefetch p50/p95/p99, turn time p50/p95/p99
+   (prefetch, charged compute and writes), compute charged per turn, refused and
+   failed writes (a write that fails is handled as a refused one). When a step ends,
+   each thread stops before its next request; turns cut short are not counted.
 
 Sessions are ShareGPT conversations (turn lengths at ~4 characters a token, cut at the
 bank's length) from `load_test.py`; their KV is real (`kv_bank.KVBank`: the bundled
@@ -243,6 +247,10 @@ class Workload:
     appends_per_turn: int
 
 
+class StepEndedError(Exception):
+    """The load step ended between two writes of a turn: the turn is not counted."""
+
+
 def write_turn(
     client: CacheClient,
     workload: Workload,
@@ -251,14 +259,21 @@ def write_turn(
     held: int,
     context: int,
     turn: Turn,
+    stop: threading.Event | None = None,
 ) -> int:
     """A turn's writes after its prefill: the prompt [context, +prompt) (sealed), then
     the reply as decode appends and one put of the rest. From token 0 when the server
     does not hold the whole context (`held != context`). Returns the tokens held after
-    (the context's new end). Raises CacheError from the first write that fails."""
+    (the context's new end). Raises CacheError from the first write that fails, and
+    StepEndedError when `stop` is set before a write."""
     kv = workload.kv
 
+    def check_stop() -> None:
+        if stop is not None and stop.is_set():
+            raise StepEndedError
+
     def put(start: int, end: int, *, seal: bool) -> None:
+        check_stop()
         client.put(
             MODEL_ID,
             sequence_id,
@@ -279,6 +294,7 @@ def write_turn(
         step = min(workload.append_tokens, reply_end - context)
         if step <= 0:
             break
+        check_stop()
         client.append(
             MODEL_ID,
             sequence_id,
@@ -356,7 +372,9 @@ class StepRecorder:
     refused_writes: int = 0
     failed_writes: Counter[str] = field(default_factory=Counter)
     failed_prefetches: Counter[str] = field(default_factory=Counter)
+    first_failures: dict[str, str] = field(default_factory=dict)
     prefetch_seconds: list[float] = field(default_factory=list)
+    turn_seconds: list[float] = field(default_factory=list)
     sessions: int = 0
 
     def merge(self, other: StepRecorder) -> None:
@@ -366,7 +384,10 @@ class StepRecorder:
         self.sessions += other.sessions
         self.failed_writes.update(other.failed_writes)
         self.failed_prefetches.update(other.failed_prefetches)
+        for name, message in other.first_failures.items():
+            self.first_failures.setdefault(name, message)
         self.prefetch_seconds.extend(other.prefetch_seconds)
+        self.turn_seconds.extend(other.turn_seconds)
 
 
 class SessionPlayer:
@@ -402,6 +423,7 @@ class SessionPlayer:
         except CacheError as exc:
             name = "miss" if is_miss(exc) else type(exc).__name__
             self.recorder.failed_prefetches[name] += 1
+            self.recorder.first_failures.setdefault(f"prefetch {name}", str(exc)[:300])
             return False
         if layers == 0:
             self.recorder.failed_prefetches["no layers"] += 1
@@ -416,6 +438,7 @@ class SessionPlayer:
             for index, turn in enumerate(session):
                 if self.stop.is_set():
                     return
+                turn_started = time.perf_counter()
                 compute_tokens = turn.prompt_tokens
                 if index:
                     if held and self.prefetch(sequence_id, held):
@@ -430,17 +453,30 @@ class SessionPlayer:
                 recorder.prefill_tokens += compute_tokens
                 try:
                     held = write_turn(
-                        self.client, self.workload, sequence_id, source, held, context, turn
+                        self.client,
+                        self.workload,
+                        sequence_id,
+                        source,
+                        held,
+                        context,
+                        turn,
+                        self.stop,
                     )
+                except StepEndedError:
+                    return
                 except CacheError as exc:
                     if isinstance(exc, ResourceExhaustedError):
                         recorder.refused_writes += 1
                     else:
                         recorder.failed_writes[type(exc).__name__] += 1
+                    recorder.first_failures.setdefault(
+                        f"write {type(exc).__name__}", str(exc)[:300]
+                    )
                     held = 0
                     self._delete(sequence_id)
                 context += turn.prompt_tokens + turn.reply_tokens
                 recorder.turns += 1
+                recorder.turn_seconds.append(time.perf_counter() - turn_started)
             recorder.sessions += 1
         finally:
             self._delete(sequence_id)
@@ -501,10 +537,12 @@ def load_step(
     stop.wait(args.step_seconds)
     stop.set()
     elapsed = time.perf_counter() - started
-    join_deadline = time.monotonic() + args.timeout_s * 2 + 30
+    # A thread stops before its next request: one in flight, then its delete.
+    join_deadline = time.monotonic() + args.timeout_s * 2 + 60
     for thread in threads:
         thread.join(timeout=max(0.1, join_deadline - time.monotonic()))
     stuck = sum(thread.is_alive() for thread in threads)
+    drained = time.perf_counter() - started - elapsed
     total = StepRecorder()
     for recorder in recorders:
         total.merge(recorder)
@@ -520,6 +558,12 @@ def load_step(
         "hits": total.hits,
         "recomputes": total.recomputes,
         "hit_rate": total.hits / resumed if resumed else None,
+        "turn_ms": percentiles_ms(total.turn_seconds),
+        "compute_s_per_turn": (
+            total.prefill_tokens * args.prefill_ms_per_token / 1000.0 / total.turns
+            if total.turns
+            else None
+        ),
         "recomputed_tokens": total.recompute_tokens,
         "prefill_tokens_charged": total.prefill_tokens,
         "prefetch_ms": percentiles_ms(total.prefetch_seconds),
@@ -527,8 +571,10 @@ def load_step(
         "failed_prefetches": dict(total.failed_prefetches),
         "refused_writes": total.refused_writes,
         "failed_writes": dict(total.failed_writes),
+        "first_failures": total.first_failures,
         "crashed_threads": crashes,
         "threads_still_running": stuck,
+        "drain_s": drained,
         "sequences_left_on_server": left,
     }
 
@@ -694,8 +740,9 @@ def print_summary(report: dict[str, Any]) -> None:
 
 
 def write_plots(report: dict[str, Any], directory: Path, dpi: int = 100) -> list[Path]:
-    """capacity_sessions.png (sessions held and per GiB), capacity_throughput.png,
-    capacity_hit_rate.png and capacity_prefetch_p99.png (against concurrent sessions)."""
+    """capacity_sessions.png (sessions held and per GiB); capacity_throughput.png,
+    capacity_hit_rate.png, capacity_prefetch_p99.png and capacity_turn_time.png (each
+    against the concurrent sessions)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -737,6 +784,7 @@ def write_plots(report: dict[str, Any], directory: Path, dpi: int = 100) -> list
         ("capacity_throughput.png", "turns per second (recomputes charged)", "turns_per_s", False),
         ("capacity_hit_rate.png", "hit rate of resumed turns", "hit_rate", False),
         ("capacity_prefetch_p99.png", "prefetch p99 (ms)", "prefetch_p99", True),
+        ("capacity_turn_time.png", "turn time p50 (ms, compute charged)", "turn_p50", True),
     )
     for filename, ylabel, key, log in lines:
         figure, axes = plt.subplots(figsize=(7, 4))
@@ -744,6 +792,8 @@ def write_plots(report: dict[str, Any], directory: Path, dpi: int = 100) -> list
             x = [step["concurrent_sessions"] for step in result["sweep"]]
             if key == "prefetch_p99":
                 y = [step["prefetch_ms"]["p99"] for step in result["sweep"]]
+            elif key == "turn_p50":
+                y = [step["turn_ms"]["p50"] for step in result["sweep"]]
             else:
                 y = [step[key] for step in result["sweep"]]
             y = [np.nan if value is None else value for value in y]
@@ -780,7 +830,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--bank-dir", default="~/.cache/minicache/kv-bank")
     add("--sessions", type=int, default=400, help="ShareGPT conversations sampled")
     add("--load-multiples", type=float, nargs="+", default=[0.5, 1, 2, 4])
-    add("--step-seconds", type=float, default=40.0, help="length of each load step")
+    add("--step-seconds", type=float, default=50.0, help="length of each load step")
     add("--fill-seconds", type=float, default=300.0, help="time limit of the fill per policy")
     add("--max-concurrency", type=int, default=256, help="most concurrent sessions of a step")
     add(

@@ -35,6 +35,8 @@ STEP_FIELDS = (
     "recomputes",
     "hit_rate",
     "prefetch_ms",
+    "turn_ms",
+    "compute_s_per_turn",
     "refused_writes",
     "failed_writes",
     "none",
@@ -91,7 +93,7 @@ def test_smoke_run_reports_sessions_held_and_the_load_sweep(capacity, tmp_path):
             assert not step["crashed_threads"] and step["threads_still_running"] == 0
             assert step["sequences_left_on_server"] == 0
     assert [row["policy"] for row in report["summary"]] == ["none", "kivi4"]
-    for name in ("sessions", "throughput", "hit_rate", "prefetch_p99"):
+    for name in ("sessions", "throughput", "hit_rate", "prefetch_p99", "turn_time"):
         assert (tmp_path / f"capacity_{name}.png").stat().st_size > 1000
 
 
