@@ -87,6 +87,8 @@ DTYPE = "float16"
 GIB = 1 << 30
 SERVER = str(Path(sys.executable).with_name("minicache-server"))
 SERVER_START_S = 60.0
+# A hit rate over fewer resumed turns than this is left out of the plot (the JSON has it).
+MIN_RESUMED_TURNS_PLOTTED = 20
 # Threads start their first session within this much of a step (at most a tenth of
 # it), so a step does not begin with every prefill at once.
 STAGGER_S = 2.0
@@ -794,6 +796,11 @@ def write_plots(report: dict[str, Any], directory: Path, dpi: int = 100) -> list
                 y = [step["prefetch_ms"]["p99"] for step in result["sweep"]]
             elif key == "turn_p50":
                 y = [step["turn_ms"]["p50"] for step in result["sweep"]]
+            elif key == "hit_rate":
+                y = [
+                    step["hit_rate"] if step["resumed_turns"] >= MIN_RESUMED_TURNS_PLOTTED else None
+                    for step in result["sweep"]
+                ]
             else:
                 y = [step[key] for step in result["sweep"]]
             y = [np.nan if value is None else value for value in y]
@@ -803,7 +810,10 @@ def write_plots(report: dict[str, Any], directory: Path, dpi: int = 100) -> list
             axes.set_yscale("log")
         axes.set_xlabel("offered load: concurrent sessions (0.5x, 1x, 2x, 4x of those held)")
         axes.set_ylabel(ylabel)
-        axes.set_title(f"{ylabel}, {budget_mib:.0f} MiB device budget")
+        title = f"{ylabel}, {budget_mib:.0f} MiB device budget"
+        if key == "hit_rate":
+            title += f"\n(steps with < {MIN_RESUMED_TURNS_PLOTTED} resumed turns left out)"
+        axes.set_title(title)
         axes.grid(alpha=0.3, which="both")
         axes.legend(fontsize="small")
         figure.tight_layout()
@@ -846,7 +856,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--json", default="", help="write the report here")
     add("--plots", default="", help="write the PNG plots into this directory")
     add("--dpi", type=int, default=100)
+    add("--replot", default="", help="only draw the plots of this JSON report (with --plots)")
     args = parser.parse_args(argv)
+    if args.replot and not args.plots:
+        parser.error("--replot needs --plots")
     if BASELINE not in args.policies:
         parser.error(f"--policies must include {BASELINE} (every figure is reported against it)")
     args.policies = [BASELINE] + [p for p in dict.fromkeys(args.policies) if p != BASELINE]
@@ -879,6 +892,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        for path in write_plots(
+            json.loads(Path(args.replot).read_text()), Path(args.plots), args.dpi
+        ):
+            progress(f"wrote {path}")
+        return 0
     started = time.perf_counter()
     kv, kv_info = load_kv(args)
     if args.prefill_ms_per_token is None:

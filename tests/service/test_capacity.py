@@ -95,6 +95,9 @@ def test_smoke_run_reports_sessions_held_and_the_load_sweep(capacity, tmp_path):
     assert [row["policy"] for row in report["summary"]] == ["none", "kivi4"]
     for name in ("sessions", "throughput", "hit_rate", "prefetch_p99", "turn_time"):
         assert (tmp_path / f"capacity_{name}.png").stat().st_size > 1000
+    # The plots are drawn from the JSON alone.
+    assert capacity.main(["--replot", str(out), "--plots", str(tmp_path / "again")]) == 0
+    assert len(list((tmp_path / "again").glob("capacity_*.png"))) == 5
 
 
 def test_arguments_are_checked(capacity, capsys):
@@ -103,6 +106,7 @@ def test_arguments_are_checked(capacity, capsys):
         (["--device-budget", "lots"], "not a size"),
         (["--load-multiples", "0"], "each in (0, 64]"),
         (["--kv", "random"], "set --prefill-ms-per-token"),
+        (["--replot", "report.json"], "--replot needs --plots"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             capacity.parse_args(argv)
