@@ -1,7 +1,8 @@
 """Fixtures shared by every test folder: a real redis-server, a real local Redis
 Cluster. The service tests' helpers (tests/service/service_fixtures.py: cache servers on
-loopback, Redis; tests/service/redis_cluster.py: a Redis Cluster) are importable from
-every folder as `service_fixtures` and `redis_cluster`."""
+loopback, Redis) and the local Redis Cluster (deploy/local/redis_cluster.py, which the
+local cluster runner uses too) are importable from every folder as `service_fixtures`
+and `redis_cluster`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "service"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deploy" / "local"))
 
 from redis_cluster import RedisCluster
 from service_fixtures import RedisProcess

@@ -649,7 +649,6 @@ class Cluster:
     def _start_redis_cluster(self) -> None:
         """A Redis Cluster with the single Redis' TLS certificate and ACL user; its
         nodes become `redis-0`, `redis-1`, ..."""
-        sys.path.insert(0, str(REPO_ROOT / "tests" / "service"))
         from redis_cluster import RedisCluster
 
         c = self.credentials

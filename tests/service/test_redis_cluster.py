@@ -1,4 +1,4 @@
-"""The overflow tier on a real local Redis Cluster (tests/service/redis_cluster.py):
+"""The overflow tier on a real local Redis Cluster (deploy/local/redis_cluster.py):
 entries overflow to the cluster and come back bit-exact; every key of a sequence (its
 entries and its manifest) lands in one slot, and many sequences spread over several
 masters; a restarted server recovers what the cluster holds, its manifests found on

@@ -1,6 +1,6 @@
 """A real local Redis Cluster: redis-server processes in cluster mode on loopback, joined
-by `redis-cli --cluster create`, for the service tests and the local cluster runner
-(deploy/local/cluster.py, `--redis cluster`).
+by `redis-cli --cluster create`, for the local cluster runner (deploy/local/cluster.py,
+`--redis cluster`) and the tests.
 
 `RedisCluster(directory, masters=3, replicas=1)` starts `masters * (1 + replicas)`
 nodes, each with its own port, cluster bus port and directory (its `nodes.conf`), and
