@@ -841,7 +841,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--sessions", type=int, default=400, help="ShareGPT conversations sampled")
     add("--load-multiples", type=float, nargs="+", default=[0.5, 1, 2, 4])
     add("--step-seconds", type=float, default=50.0, help="length of each load step")
-    add("--fill-seconds", type=float, default=300.0, help="time limit of the fill per policy")
+    add("--fill-seconds", type=float, default=900.0, help="time limit of the fill per policy")
     add("--max-concurrency", type=int, default=256, help="most concurrent sessions of a step")
     add(
         "--prefill-ms-per-token",
