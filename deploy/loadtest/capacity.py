@@ -150,7 +150,7 @@ def load_kv(args: argparse.Namespace) -> tuple[SessionKV, dict[str, Any]]:
         "conversations": len(bank),
         "tokens": bank.tokens,
         "bytes_per_token_fp16": bank.bytes_per_token,
-        "directory": str(bank.directory),
+        "bank_key": bank.directory.name,  # under --bank-dir
         "texts_sha256": built["texts_sha256"],
         "build_seconds": bank.build_seconds,
         "built_now": bank.built_now,

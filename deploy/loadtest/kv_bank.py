@@ -20,7 +20,8 @@ or draw is never reused.
     session_kv = bank.conversation(3)  # RandomKV's interface: .span(start, end), .layers
 
 Building needs the worker's model stack (torch, transformers; `minicache_worker`);
-loading a built bank needs only NumPy.
+loading a built bank needs no model stack (NumPy, and the ShareGPT package whose file
+is part of the key).
 """
 
 from __future__ import annotations
