@@ -4,6 +4,7 @@ accounting, Redis killed and restarted, corrupted and misplaced bytes in Redis."
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -154,3 +155,40 @@ def test_corrupted_and_misplaced_entries_are_misses(cluster) -> None:
     assert server.store.metrics.corrupt_entries.value() == 2
     with pytest.raises(NotFoundError):
         client.lookup("m", "s1")
+
+
+def test_append_while_its_sequence_is_being_demoted(redis_process) -> None:
+    """An append that arrives while another put is moving the same sequence's entries to
+    Redis (held there by Redis pausing its writes) extends the sequence wherever its
+    entries end up: it never finds an entry gone from the device under its feet."""
+    server = ServerThread(
+        settings_for(device_budget_bytes=BUDGET, redis_url=redis_process.url, redis_timeout_s=10)
+    )
+    client = CacheClient(ClientConfig(target=server.address, insecure=True, timeout_s=30))
+    try:
+        sent = _put_all(client, 2)  # s0 is the coldest
+        step = kv_layers(LAYERS, 1, HEADS, DIM, seed=99)
+        redis_process.client().execute_command("CLIENT", "PAUSE", "1500", "WRITE")
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            # Needs room: demotes s0's entries, each write held by the pause.
+            put = pool.submit(
+                client.put,
+                "m",
+                "s2",
+                kv_layers(LAYERS, TOKENS, HEADS, DIM, seed=2),
+                dtype="float16",
+                policy="none",
+            )
+            time.sleep(0.5)
+            result = client.append("m", "s0", step, dtype="float16", start_token=TOKENS)
+            put.result()
+        assert result.tokens == TOKENS + 1
+        received = client.prefetch_layers("m", "s0")
+        for (keys, values), (sent_keys, sent_values), (step_keys, step_values) in zip(
+            received, sent["s0"], step, strict=True
+        ):
+            assert np.array_equal(keys, np.concatenate([sent_keys, step_keys], axis=1))
+            assert np.array_equal(values, np.concatenate([sent_values, step_values], axis=1))
+    finally:
+        client.close()
+        server.stop()

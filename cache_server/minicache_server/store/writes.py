@@ -441,10 +441,13 @@ async def _extend_in_place(
     or the device cannot make room for the growth."""
     device = store.device
     keys = sequence.entry_keys()
-    if not all(device.contains(key) for key in keys):
-        return False
     reserve = growth + METADATA_GROWTH_BYTES * len(keys)
     async with store.chain.lock:
+        # Asked under the chain's lock: a demotion that began before this extension
+        # locked the sequence finishes (and takes entries off the device) while the
+        # extension waits for the lock.
+        if not all(device.contains(key) for key in keys):
+            return False
         try:
             await store.chain.make_room(0, reserve, None)
         except NoRoomError:
@@ -452,6 +455,8 @@ async def _extend_in_place(
         except TierUnavailableError as exc:
             raise UnavailableError(f"the device tier is full and {exc}") from None
         entries = [device.peek(key, touch=True) for key in keys]
+        if any(entry is None for entry in entries):
+            return False  # nothing applied yet: the chain path extends them below
         # A transform policy codes a block of tokens every few steps (products over a
         # basis of megabytes): never on the loop.
         small = session.end - session.start <= INLINE_EXTENSION_TOKENS
