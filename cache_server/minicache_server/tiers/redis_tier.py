@@ -30,6 +30,7 @@ from a failed master).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from dataclasses import dataclass
@@ -151,6 +152,11 @@ class RedisTier(EncodedTier):
                 raise ValueError("a Redis TLS CA is set but the Redis URL is not rediss://")
             options["ssl_ca_certs"] = tls_ca
         self.cluster = cluster
+        # At most `pool_size` operations at once; the others wait their turn. redis-py's
+        # pools (one per node on a cluster) raise "Too many connections" rather than
+        # wait when every connection is busy, which under load would turn reads into
+        # misses and writes into UNAVAILABLE.
+        self.operations = asyncio.Semaphore(pool_size)
         if cluster:
             self.client = self._cluster_client(parse_cluster_url(url), options)
             self.pool = None
@@ -221,14 +227,16 @@ class RedisTier(EncodedTier):
         """Returns once Redis acknowledged the write."""
         value = b"".join(parts)
         try:
-            await self.client.set(self.redis_key(name), value, ex=self.ttl_s or None)
+            async with self.operations:
+                await self.client.set(self.redis_key(name), value, ex=self.ttl_s or None)
         except REDIS_FAILURES as exc:
             raise self._failed("write", exc) from exc
         self._succeeded()
 
     async def read(self, name: str) -> bytes | None:
         try:
-            value = await self.client.get(self.redis_key(name))
+            async with self.operations:
+                value = await self.client.get(self.redis_key(name))
         except REDIS_FAILURES as exc:
             raise self._failed("read", exc) from exc
         self._succeeded()
@@ -237,7 +245,8 @@ class RedisTier(EncodedTier):
     async def remove(self, names: list[str]) -> None:
         """One DEL; the cluster client splits it into one DEL per slot."""
         try:
-            await self.client.delete(*(self.redis_key(name) for name in names))
+            async with self.operations:
+                await self.client.delete(*(self.redis_key(name) for name in names))
         except REDIS_FAILURES as exc:
             raise self._failed("delete", exc) from exc
         self._succeeded()
@@ -246,7 +255,7 @@ class RedisTier(EncodedTier):
         if not keys:
             return {}
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
+            async with self.operations, self.client.pipeline(transaction=False) as pipe:
                 for key in keys:
                     pipe.strlen(self.key(key))
                 lengths = await pipe.execute()
@@ -272,12 +281,14 @@ class RedisTier(EncodedTier):
         mget = self.client.mget_nonatomic if self.cluster else self.client.mget
         found: list[bytes] = []
         try:
-            keys = [
-                key async for key in self.client.scan_iter(match=self.manifest_pattern, count=1000)
-            ]
-            for start in range(0, len(keys), 256):
-                values = await mget(keys[start : start + 256])
-                found.extend(value for value in values if value is not None)
+            async with self.operations:
+                keys = [
+                    key
+                    async for key in self.client.scan_iter(match=self.manifest_pattern, count=1000)
+                ]
+                for start in range(0, len(keys), 256):
+                    values = await mget(keys[start : start + 256])
+                    found.extend(value for value in values if value is not None)
         except REDIS_FAILURES as exc:
             raise self._failed("recovery", exc) from exc
         self._succeeded()
@@ -285,7 +296,8 @@ class RedisTier(EncodedTier):
 
     async def ping(self) -> bool:
         try:
-            await self.client.ping()
+            async with self.operations:
+                await self.client.ping()
         except REDIS_FAILURES as exc:
             self._failed("ping", exc)
             return False
