@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -482,6 +483,35 @@ def test_restore_group_equals_restore_of_each_layer_and_any_range(
     for other in KV_DTYPES:
         for got, wide in zip(codec.restore_group(0, TOKENS, other), as_float, strict=True):
             assert_bit_equal(got, narrow_from_float32(wide, other))
+
+
+@pytest.mark.parametrize("coder", CODERS)
+def test_a_restore_of_the_whole_group_keeps_no_decoded_coefficients(coder: str) -> None:
+    # A server restores every entry it holds a whole group at a time: what one restore
+    # decodes (float32 coefficients of every coded token) must go with its answer, or
+    # each entry the device tier holds keeps many times its stored bytes.
+    tokens, dtype = 4096, "float16"
+    layers = sample(12, dtype, tokens)
+    warm = fed(new_codec(coder, "values", dtype, window=0), layers, [tokens])
+    warm.restore_group(0, tokens, dtype)  # the artifact and its tables, loaded once
+    codec = fed(new_codec(coder, "values", dtype, window=0), layers, [tokens])
+    coefficients = codec.coded_tokens * side_of(codec)[0].rank * 4
+    assert coefficients >= 1 << 19
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(3):
+            restored = codec.restore_group(0, tokens, dtype)
+            assert [layer.shape for layer in restored] == [(HEADS, tokens, DIM)] * 2
+            del restored
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < coefficients // 8, f"{kept} bytes kept after restores of the whole group"
+    # Single layers still share one decode, and restore what the group restore does.
+    single = [codec.restore(which, 0, tokens, dtype) for which in range(2)]
+    for got, want in zip(single, codec.restore_group(0, tokens, dtype), strict=True):
+        assert_bit_equal(got, want)
 
 
 # -- the stored form ----------------------------------------------------------------------

@@ -120,8 +120,9 @@ class TransformCoded(Codec):
             self.block_bytes = np.zeros(0, dtype=np.int64)
             self.block_tokens = np.zeros(0, dtype=np.int64)
             self.block_peaks = np.zeros(0, dtype=np.int32)
-        # The last coefficients decoded, (start, end, array): the layers of a group are
-        # restored one call each by a compressed cache. Not stored; dropped on append.
+        # The last coefficients decoded, (start, end, array), kept only between restores
+        # of single layers (a compressed cache restores a group one layer a call). Not
+        # stored; dropped on append and by a restore of every layer (`_restore_coded`).
         self._decoded: tuple[int, int, Any] | None = None
 
     @property
@@ -251,14 +252,22 @@ class TransformCoded(Codec):
 
     def _restore_coded(self, layer_positions: Sequence[int], start: int, end: int) -> list[Any]:
         """float32 `[kv_heads, end - start, head_dim]` of coded tokens [start, end) for
-        each of `layer_positions` (indices into the group)."""
+        each of `layer_positions` (indices into the group).
+
+        The decoded coefficients (float32, `[tokens, rank]`: several times the stored
+        bytes) are kept for the next call only when this one restores some of the
+        group's layers, for the others of the same range. A restore of every layer keeps
+        nothing: a server's device tier holds its entries for long, and keeping the
+        coefficients of each one it restored grew its memory to gigabytes beyond its
+        budget."""
         side, rope, coder = self._transform()
         if self._decoded is not None and self._decoded[:2] == (start, end):
             coefficients = self._decoded[2]
         else:
             coefficients = self._decode_codes(start, end, side, coder).astype(np.float32)
             coefficients *= np.float32(side.step)
-            self._decoded = (start, end, coefficients)
+        whole_group = len(layer_positions) >= self.layer_total
+        self._decoded = None if whole_group else (start, end, coefficients)
         width = self.kv_heads * self.head_dim
         restored = []
         for which in layer_positions:
