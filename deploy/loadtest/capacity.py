@@ -749,6 +749,7 @@ def write_plots(report: dict[str, Any], directory: Path, dpi: int = 100) -> list
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     directory.mkdir(parents=True, exist_ok=True)
     policies = report["policies"]
@@ -806,6 +807,15 @@ def write_plots(report: dict[str, Any], directory: Path, dpi: int = 100) -> list
             y = [np.nan if value is None else value for value in y]
             axes.plot(x, y, marker="o", label=f"{name} (holds {result['held']['sessions']})")
         axes.set_xscale("log")
+        # Plain session counts at 1-2-5 steps: log-scale labels overlap on a short range.
+        counts = [step["concurrent_sessions"] for r in policies.values() for step in r["sweep"]]
+        if counts:
+            low, high = min(counts) / 1.5, max(counts) * 1.5
+            axes.set_xticks(
+                [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if low <= t <= high]
+            )
+        axes.xaxis.set_major_formatter(ScalarFormatter())
+        axes.xaxis.set_minor_formatter(NullFormatter())
         if log:
             axes.set_yscale("log")
         axes.set_xlabel("offered load: concurrent sessions (0.5x, 1x, 2x, 4x of those held)")
