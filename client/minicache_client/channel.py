@@ -1,8 +1,8 @@
 """How a client reaches one cache server: `ClientConfig` and the gRPC channels built from it.
 
 Every channel declares its retries in the service config (UNAVAILABLE only, at most 4
-attempts with exponential backoff, all within the call's deadline) rather than in Python
-loops, caps message sizes, and sends keepalive pings during long calls. Plaintext is
+attempts with exponential backoff, all within the call's deadline; every method but the
+streamed Put, see `RETRIED_METHODS`) rather than in Python loops, caps message sizes, and sends keepalive pings during long calls. Plaintext is
 allowed only when asked for (`insecure=True`); otherwise `tls_ca` makes the channel TLS
 (mutual TLS with a client certificate and key). The bearer token travels as call
 credentials over TLS, or as per-call metadata (`call_metadata`) over plaintext, where
@@ -28,8 +28,21 @@ RETRY_POLICY = {
     "backoffMultiplier": 2,
     "retryableStatusCodes": ["UNAVAILABLE"],
 }
+# Every method but the client-streamed Put. gRPC replays a retried call's messages from
+# a bounded buffer; a Put refused UNAVAILABLE while its layers still stream (the server's
+# staging is full) was replayed without its header, and grpcio 1.85 then aborted the
+# client process (SIGABRT, "ILLEGAL STATE: FORWARDED_BATCH"). A refused Put surfaces as
+# `UnavailableError`: the caller writes it again, or goes on without the cache.
+RETRIED_METHODS = ("Append", "Prefetch", "Lookup", "Delete", "Stats", "GetArtifact")
 SERVICE_CONFIG = json.dumps(
-    {"methodConfig": [{"name": [{"service": SERVICE_NAME}], "retryPolicy": RETRY_POLICY}]}
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": SERVICE_NAME, "method": name} for name in RETRIED_METHODS],
+                "retryPolicy": RETRY_POLICY,
+            }
+        ]
+    }
 )
 
 # A ping after 60 s without traffic during a call, dropped after 20 s unanswered. No

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import itertools
 import json
 import math
@@ -60,7 +59,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -79,7 +78,6 @@ from minicache_client import (
     UnavailableError,
     WorkerClient,
 )
-from minicache_client import channel as sdk_channel
 from minicache_client.policy import CompressionPolicy
 from minicache_client.sequence_encoder import SequenceEncoder
 from minicache_client.sharegpt import PROMPT_ROLES, sample_records, sharegpt_path, user_messages
@@ -1303,12 +1301,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--keep", action="store_true", help="do not delete sequences at the end")
     add("--seed", type=int, default=0)
     add("--write-retries", type=int, default=4, help="retries of a write refused UNAVAILABLE")
-    add(
-        "--grpc-retries",
-        choices=("on", "off"),
-        default="on",
-        help="gRPC's own retry of UNAVAILABLE, as the SDK declares it (off: see README)",
-    )
     add("--workers", default="", help="worker mode: comma-separated host:port of workers")
     add("--worker-token-file", default="", help="worker mode: file of the workers' token")
     add("--max-new-tokens", type=int, default=8, help="worker mode: tokens generated a turn")
@@ -1367,30 +1359,6 @@ def client_configs(args: argparse.Namespace, targets: list[str], token: str) -> 
     ]
 
 
-@contextlib.contextmanager
-def grpc_retries_off() -> Iterator[None]:
-    """Channels created inside this block have gRPC's own retries off
-    (`grpc.enable_retries` 0; the SDK's channels declare a retry of UNAVAILABLE).
-
-    Why: with grpcio 1.85, a streamed Put that the server refuses UNAVAILABLE while the
-    client still sends it (its staging is full: "retry shortly") can abort the client
-    process ("promise_based_filter.cc ... ILLEGAL STATE: FORWARDED_BATCH", SIGABRT)
-    when the channel retries it. `--write-retries` resends such writes instead."""
-    declared = sdk_channel.channel_options
-
-    def without_retries(config: ClientConfig) -> list[tuple[str, Any]]:
-        return [
-            (name, 0 if name == "grpc.enable_retries" else value)
-            for name, value in declared(config)
-        ]
-
-    sdk_channel.channel_options = without_retries
-    try:
-        yield
-    finally:
-        sdk_channel.channel_options = declared
-
-
 def make_kv(args: argparse.Namespace) -> KVSource:
     if args.kv == "model":
         return ModelKV.load(args.kv_bank_conversations, args.max_context_tokens, args.kv_bank_dir)
@@ -1425,10 +1393,7 @@ def run(args: argparse.Namespace, expected: ExpectedKV | None = None) -> dict[st
     started = time.perf_counter()
     recorders = [Recorder(started) for _ in range(args.concurrency)]
     extra: dict[str, Any] = {}
-    with contextlib.ExitStack() as channels:
-        if args.grpc_retries == "off":
-            channels.enter_context(grpc_retries_off())
-        client = ShardedCacheClient(configs)
+    client = ShardedCacheClient(configs)
     with client:
         health = client.health(timeout_s=args.timeout_s)
         print("servers: " + ", ".join(f"{target} {status}" for target, status in health.items()))
@@ -1520,10 +1485,7 @@ def run_chat(
 ) -> float:
     token = read_token("", args.worker_token_file, env="MINICACHE_WORKER_TOKEN")
     configs = client_configs(args, split_targets(args.workers), token)
-    with contextlib.ExitStack() as channels:
-        if args.grpc_retries == "off":
-            channels.enter_context(grpc_retries_off())
-        workers = [WorkerClient(config) for config in configs]
+    workers = [WorkerClient(config) for config in configs]
     try:
         for worker in workers:
             status = worker.health(timeout_s=args.timeout_s)

@@ -76,10 +76,6 @@ def load_args(server_address: str, metrics: str, *extra: str) -> list[str]:
         "--bucket-s",
         "1",
         "--keep",
-        # A put refused mid-stream would abort this process if gRPC retried it (grpcio
-        # 1.85; deploy/loadtest/README.md): the load test resends it itself.
-        "--grpc-retries",
-        "off",
         "--no-progress",
         *extra,
     ]

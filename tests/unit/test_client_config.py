@@ -149,8 +149,11 @@ def test_service_config_retries_unavailable_only() -> None:
     options = dict(channel_options(ClientConfig("localhost:50051", insecure=True)))
     assert options["grpc.enable_retries"] == 1
     (method,) = json.loads(options["grpc.service_config"])["methodConfig"]
-    assert method["name"] == [{"service": SERVICE_NAME}]
     assert SERVICE_NAME == "minicache.v1.CacheService"
+    retried = {entry["method"] for entry in method["name"]}
+    assert {entry["service"] for entry in method["name"]} == {SERVICE_NAME}
+    # Every unary or server-streamed method, never the client-streamed Put.
+    assert retried == {"Append", "Prefetch", "Lookup", "Delete", "Stats", "GetArtifact"}
     assert method["retryPolicy"] == {
         "maxAttempts": 4,
         "initialBackoff": "0.05s",
