@@ -16,6 +16,7 @@ import sys
 
 from minicache_client.serving.logs import configure_logging
 from minicache_client.serving.settings import SettingsError, config_json
+from minicache_server.allocator import tune_allocator
 from minicache_server.service.server import start_server
 from minicache_server.settings import build_parser, settings_from
 
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         print(config_json(settings))
         return 0
     configure_logging(settings.log_level, settings.log_format)
+    # Before the first request: memory it frees then goes back to the system.
+    log.info("malloc settings", extra={"mallopt": tune_allocator()})
     try:
         asyncio.run(serve(settings))
     except SettingsError as exc:
