@@ -169,7 +169,7 @@ class SequenceWriter:
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
             try:
-                if self.failure is None:
+                if self.failure is None or job == self._abort_open_put:
                     job()
             except Exception as exc:
                 self.failure = exc
@@ -223,14 +223,18 @@ class SequenceWriter:
 
     def abort_put(self) -> None:
         """Cancel the open put: the service keeps what it held before it."""
-
-        def abort() -> None:
-            if self._put is not None:
-                self._put.abort()
-                self._put = None
-
-        self._jobs.put(abort)
+        self._jobs.put(self._abort_open_put)
         self._step = [None] * self.shape["num_layers"]
+
+    def _abort_open_put(self) -> None:
+        """The job of `abort_put`. It runs after a failure too, and forgets it: the failure
+        was the cancelled put's (say, an extension of a history the service has just
+        dropped as corrupt), and what follows, a recompute's put from token 0, starts
+        afresh."""
+        if self._put is not None:
+            self._put.abort()
+            self._put = None
+        self.failure = None
 
     def end_step(self, start_token: int, tag: bytes) -> None:
         layers, self._step = self._step, [None] * self.shape["num_layers"]

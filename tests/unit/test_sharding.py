@@ -177,11 +177,12 @@ def test_reads_from_a_refusing_server_are_misses_and_writes_raise() -> None:
             sharded.append(MODEL, "s1", LAYERS, dtype="float16", start_token=2)
         with pytest.raises(UnavailableError):
             sharded.delete(MODEL, "s1")
-        # A streamed put (a worker's prefill) fails on its first layer or at finish.
-        stream = sharded.open_put(
-            MODEL, "s1", num_layers=1, kv_heads=1, head_dim=4, dtype="float16", end_token=2
-        )
+        # A streamed put (a worker's prefill) fails as it opens, on its first layer or at
+        # finish (gRPC does not retry a Put: the refusal can come back at once).
         with pytest.raises(UnavailableError):
+            stream = sharded.open_put(
+                MODEL, "s1", num_layers=1, kv_heads=1, head_dim=4, dtype="float16", end_token=2
+            )
             stream.send_layer(0, *LAYERS[0])
             stream.finish()
         with pytest.raises(NotFoundError, match="could not answer"):

@@ -16,6 +16,7 @@ from minicache_worker.generation import (
     TurnRequest,
     TurnSummary,
 )
+from minicache_worker.service_cache import SequenceWriter
 
 pytestmark = pytest.mark.model
 
@@ -290,3 +291,40 @@ def test_kv_in_float16_from_a_float32_model(lm, cache_server, turn_inputs) -> No
         assert client.lookup(lm.name, "fp16").dtype == "float16"
     with pytest.raises(ValueError, match="kv_dtype"):
         TurnGenerator(lm, None, kv_dtype="int8")
+
+
+def test_a_failed_extension_aborted_for_a_recompute_does_not_stop_the_rewrite(
+    cache_server,
+) -> None:
+    """The extension of a history fails (the service no longer holds the sequence, as
+    after finding an entry corrupt); the turn aborts it and writes the sequence again from
+    token 0, which the writer sends instead of dropping it with the failed put's error."""
+    layers, kv_heads, head_dim = 2, 1, 4
+    with client_of(cache_server) as client:
+        writer = SequenceWriter(
+            client,
+            "m",
+            "rewritten",
+            num_layers=layers,
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            dtype="float16",
+            policy="none",
+        )
+        try:
+            kv = torch.randn(kv_heads, 6, head_dim)
+            writer.start_put(3, 3, b"extension")  # nothing is held: refused
+            for layer in range(layers):
+                writer.layer(layer, kv[:, 3:], kv[:, 3:])
+            writer.end_put()
+            assert writer.flush() is not None
+            writer.abort_put()
+            writer.start_put(0, 6, b"rewrite")
+            for layer in range(layers):
+                writer.layer(layer, kv, kv)
+            writer.end_put()
+            assert writer.flush() is None
+            assert writer.held_tokens == 6
+        finally:
+            writer.close()
+        assert client.lookup("m", "rewritten").tokens == 6
