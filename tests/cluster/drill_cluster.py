@@ -25,7 +25,7 @@ from minicache_client.sharding import place_sequence
 # sessions move to Redis when newer ones arrive.
 DEVICE_BUDGET = "4MiB"
 DEVICE_BUDGET_BYTES = 4 << 20
-GRACE_S = 3.0
+GRACE_S = 8.0
 # An address block of the drills' own, apart from a cluster started by hand (127.0.0.x).
 NET = "127.0.87"
 MAX_NEW_TOKENS = 6
