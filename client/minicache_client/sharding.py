@@ -66,13 +66,21 @@ def rendezvous_score(server: str, model_id: str, sequence_id: str) -> int:
     return int.from_bytes(digest, "little")
 
 
+def rendezvous_order(servers: Sequence[str], model_id: str, sequence_id: str) -> list[str]:
+    """`servers` from the highest score for the sequence to the lowest: the first holds
+    it; the rest are the order a content-addressed lookup falls back in."""
+    return sorted(
+        servers,
+        key=lambda server: (rendezvous_score(server, model_id, sequence_id), server),
+        reverse=True,
+    )
+
+
 def place_sequence(servers: Sequence[str], model_id: str, sequence_id: str) -> str:
     """The server among `servers` that holds the sequence (the highest score)."""
     if not servers:
         raise ValueError("no servers to place the sequence on")
-    return max(
-        servers, key=lambda server: (rendezvous_score(server, model_id, sequence_id), server)
-    )
+    return rendezvous_order(servers, model_id, sequence_id)[0]
 
 
 class ShardedCacheClient:
@@ -122,10 +130,6 @@ class ShardedCacheClient:
     def client_for(self, model_id: str, sequence_id: str) -> CacheClient:
         return self._clients[self.server_for(model_id, sequence_id)]
 
-    @staticmethod
-    def _miss(server: str, exc: CacheError) -> UnreachableServerError:
-        return UnreachableServerError(server, exc)
-
     def put(self, model_id: str, sequence_id: str, layers: Any, **put_args: Any) -> PutResult:
         """`CacheClient.put` on the sequence's server."""
         return self.client_for(model_id, sequence_id).put(model_id, sequence_id, layers, **put_args)
@@ -153,7 +157,7 @@ class ShardedCacheClient:
         try:
             layers = self._clients[server].prefetch(model_id, sequence_id, **prefetch_args)
         except UNREACHABLE as exc:
-            raise self._miss(server, exc) from exc
+            raise UnreachableServerError(server, exc) from exc
         return self._missing_when_unreachable(server, layers)
 
     def _missing_when_unreachable(
@@ -162,7 +166,7 @@ class ShardedCacheClient:
         try:
             yield from layers
         except UNREACHABLE as exc:
-            raise self._miss(server, exc) from exc
+            raise UnreachableServerError(server, exc) from exc
 
     def prefetch_layers(
         self, model_id: str, sequence_id: str, **prefetch_args: Any
@@ -179,7 +183,7 @@ class ShardedCacheClient:
         try:
             return self._clients[server].lookup(model_id, sequence_id, **call_args)
         except UNREACHABLE as exc:
-            raise self._miss(server, exc) from exc
+            raise UnreachableServerError(server, exc) from exc
 
     def stats(self, **call_args: Any) -> dict[str, StatsResult]:
         """Each server's stats of the caller's tenant, by target; raises the error of
@@ -202,13 +206,8 @@ class ShardedCacheClient:
         order, that holds the file: one that lacks it or cannot answer passes to the
         next. NotFoundError when none of them has it (saying how many could not
         answer); a malformed hash or a corrupt file raises at once."""
-        order = sorted(
-            self.servers,
-            key=lambda server: (rendezvous_score(server, "", digest), server),
-            reverse=True,
-        )
         unreachable: list[str] = []
-        for server in order:
+        for server in rendezvous_order(self.servers, "", digest):
             try:
                 return self._clients[server].get_artifact(digest, **call_args)
             except UNREACHABLE:
