@@ -69,6 +69,7 @@ from typing import Any, Protocol
 import numpy as np
 
 # This directory's modules (sys.path holds it when this runs as a script).
+import report as reporting
 from load_test import Turn, conversation_turns, is_miss
 
 from minicache_client import (
@@ -745,11 +746,9 @@ def write_plots(report: dict[str, Any], directory: Path, dpi: int = 100) -> list
     """capacity_sessions.png (sessions held and per GiB); capacity_throughput.png,
     capacity_hit_rate.png, capacity_prefetch_p99.png and capacity_turn_time.png (each
     against the concurrent sessions)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    plt = reporting.pyplot()
 
     directory.mkdir(parents=True, exist_ok=True)
     policies = report["policies"]
@@ -783,27 +782,31 @@ def write_plots(report: dict[str, Any], directory: Path, dpi: int = 100) -> list
     figure.savefig(paths[-1], dpi=dpi)
     plt.close(figure)
 
+    def hit_rate(step: dict[str, Any]) -> float | None:
+        return step["hit_rate"] if step["resumed_turns"] >= MIN_RESUMED_TURNS_PLOTTED else None
+
+    # (file, y label, the figure of a load step, log y axis)
     lines = (
-        ("capacity_throughput.png", "turns per second (recomputes charged)", "turns_per_s", False),
-        ("capacity_hit_rate.png", "hit rate of resumed turns", "hit_rate", False),
-        ("capacity_prefetch_p99.png", "prefetch p99 (ms)", "prefetch_p99", True),
-        ("capacity_turn_time.png", "turn time p50 (ms, compute charged)", "turn_p50", True),
+        (
+            "capacity_throughput.png",
+            "turns per second (recomputes charged)",
+            lambda step: step["turns_per_s"],
+            False,
+        ),
+        ("capacity_hit_rate.png", "hit rate of resumed turns", hit_rate, False),
+        ("capacity_prefetch_p99.png", "prefetch p99 (ms)", lambda s: s["prefetch_ms"]["p99"], True),
+        (
+            "capacity_turn_time.png",
+            "turn time p50 (ms, compute charged)",
+            lambda step: step["turn_ms"]["p50"],
+            True,
+        ),
     )
-    for filename, ylabel, key, log in lines:
+    for filename, ylabel, figure_of, log in lines:
         figure, axes = plt.subplots(figsize=(7, 4))
         for name, result in policies.items():
             x = [step["concurrent_sessions"] for step in result["sweep"]]
-            if key == "prefetch_p99":
-                y = [step["prefetch_ms"]["p99"] for step in result["sweep"]]
-            elif key == "turn_p50":
-                y = [step["turn_ms"]["p50"] for step in result["sweep"]]
-            elif key == "hit_rate":
-                y = [
-                    step["hit_rate"] if step["resumed_turns"] >= MIN_RESUMED_TURNS_PLOTTED else None
-                    for step in result["sweep"]
-                ]
-            else:
-                y = [step[key] for step in result["sweep"]]
+            y = [figure_of(step) for step in result["sweep"]]
             y = [np.nan if value is None else value for value in y]
             axes.plot(x, y, marker="o", label=f"{name} (holds {result['held']['sessions']})")
         axes.set_xscale("log")
@@ -821,7 +824,7 @@ def write_plots(report: dict[str, Any], directory: Path, dpi: int = 100) -> list
         axes.set_xlabel("offered load: concurrent sessions (0.5x, 1x, 2x, 4x of those held)")
         axes.set_ylabel(ylabel)
         title = f"{ylabel}, {budget_mib:.0f} MiB device budget"
-        if key == "hit_rate":
+        if figure_of is hit_rate:
             title += f"\n(steps with < {MIN_RESUMED_TURNS_PLOTTED} resumed turns left out)"
         axes.set_title(title)
         axes.grid(alpha=0.3, which="both")

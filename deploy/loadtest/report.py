@@ -233,7 +233,8 @@ def counter_deltas(series: Mapping[str, Mapping[str, Any]], key: str) -> dict[st
 # ---- plots ----
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -253,7 +254,7 @@ def line_plot(
     stacked: bool = False,
 ) -> Path:
     """One PNG of named (x, y) lines (stacked areas when `stacked`)."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(8, 4))
     try:
         if stacked and lines:
@@ -289,7 +290,7 @@ def bar_plot(
     log: bool = False,
 ) -> Path:
     """One PNG of grouped bars: `groups` maps a group (x tick) to {series: height}."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(8, 4))
     try:
         names = list(groups)
