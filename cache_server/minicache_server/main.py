@@ -16,7 +16,7 @@ import sys
 
 from minicache_client.serving.logs import configure_logging
 from minicache_client.serving.settings import SettingsError, config_json
-from minicache_server.allocator import tune_allocator
+from minicache_server.allocator import trim_periodically, tune_allocator
 from minicache_server.service.server import start_server
 from minicache_server.settings import build_parser, settings_from
 
@@ -29,11 +29,16 @@ async def serve(settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    trimming = None
+    if settings.memory_trim_s > 0:
+        trimming = asyncio.create_task(trim_periodically(settings.memory_trim_s))
     try:
         await stopping.wait()
         log.info("shutting down", extra={"grace_s": settings.grace_s})
     finally:
         await server.stop()
+        if trimming is not None:
+            trimming.cancel()
     log.info("stopped")
 
 

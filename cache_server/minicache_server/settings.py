@@ -206,6 +206,12 @@ class ServerSettings:
         "writing the device tier down to the tier below it may take, before the process "
         "exits (health turns NOT_SERVING at once)",
     )
+    memory_trim_s: float = setting(
+        1.0,
+        "every this many seconds, the free pages of malloc's heaps go back to the system "
+        "(glibc's malloc_trim), so that the resident size follows what the server uses; "
+        "0: never",
+    )
     log_level: str = setting(
         "INFO", "least severe log level written: DEBUG, INFO, WARNING or ERROR", metavar="LEVEL"
     )
@@ -234,6 +240,7 @@ class ServerSettings:
             (self.max_layers >= 1, "max_layers", ">= 1"),
             (self.tenant_quota_bytes >= 0, "tenant_quota_bytes", ">= 0"),
             (self.grace_s >= 0, "grace_s", ">= 0"),
+            (self.memory_trim_s >= 0, "memory_trim_s", ">= 0"),
             (self.log_format in ("json", "text"), "log_format", "json or text"),
             (bool(self.tls_cert) == bool(self.tls_key), "tls_cert", "set together with tls_key"),
             (
