@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from minicache_client.serving.logs import configure_logging
 from minicache_client.serving.settings import SettingsError, config_json
@@ -23,10 +25,20 @@ from minicache_server.settings import build_parser, settings_from
 log = logging.getLogger("minicache_server")
 
 
+def work_threads(settings) -> int:
+    """`settings.work_threads`, or when 0 the number of CPUs this process may run on."""
+    return settings.work_threads or len(os.sched_getaffinity(0))
+
+
 async def serve(settings) -> None:
+    loop = asyncio.get_running_loop()
+    # Every asyncio.to_thread of the server (encodes, restores, entry (de)coding) runs
+    # on this pool: its size bounds the work, and the memory it holds, at one moment.
+    threads = work_threads(settings)
+    loop.set_default_executor(ThreadPoolExecutor(threads, thread_name_prefix="minicache-work"))
+    log.info("work threads", extra={"threads": threads})
     server = await start_server(settings)
     stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     trimming = None

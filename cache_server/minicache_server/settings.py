@@ -206,6 +206,12 @@ class ServerSettings:
         "writing the device tier down to the tier below it may take, before the process "
         "exits (health turns NOT_SERVING at once)",
     )
+    work_threads: int = setting(
+        0,
+        "threads that encode, restore and decode entries beside the event loop, at most "
+        "this many at once: each holds tens of MiB while it works, and more threads than "
+        "CPUs add memory, not speed; 0: one per CPU this process may run on",
+    )
     memory_trim_s: float = setting(
         1.0,
         "every this many seconds, the free pages of malloc's heaps go back to the system "
@@ -240,6 +246,7 @@ class ServerSettings:
             (self.max_layers >= 1, "max_layers", ">= 1"),
             (self.tenant_quota_bytes >= 0, "tenant_quota_bytes", ">= 0"),
             (self.grace_s >= 0, "grace_s", ">= 0"),
+            (self.work_threads >= 0, "work_threads", ">= 0"),
             (self.memory_trim_s >= 0, "memory_trim_s", ">= 0"),
             (self.log_format in ("json", "text"), "log_format", "json or text"),
             (bool(self.tls_cert) == bool(self.tls_key), "tls_cert", "set together with tls_key"),

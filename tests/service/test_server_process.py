@@ -9,16 +9,21 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
-from service_fixtures import free_port
+from service_fixtures import free_port, kv_layers
 
+from minicache_client import CacheClient, ClientConfig
+from minicache_client.policy import load_policy
 from minicache_client.proto import cache_service_pb2 as pb
 from minicache_client.proto import cache_service_pb2_grpc as pb_grpc
+from minicache_client.sequence_encoder import SequenceEncoder
 
 # The console script installed beside this interpreter (the venv's bin/).
 SERVER = str(Path(sys.executable).with_name("minicache-server"))
@@ -143,3 +148,47 @@ def test_plaintext_health_port_serves_health_only(make_server, certificates) -> 
     assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
     with pytest.raises(grpc.RpcError):  # the TLS port stays TLS-only
         _health(server.address)
+
+
+def test_one_work_thread_serves_concurrent_puts_and_prefetches() -> None:
+    # Every encode, restore and entry coding of the process shares MINICACHE_WORK_THREADS
+    # threads: with one, concurrent calls of a transform policy queue on it and all
+    # complete, restoring what the engine restores offline.
+    address = f"127.0.0.1:{free_port()}"
+    process = _start(
+        {"MINICACHE_LISTEN": address, "MINICACHE_INSECURE": "1", "MINICACHE_WORK_THREADS": "1"}
+    )
+    layers = kv_layers(30, 120, 3, 64, seed=7)
+    offline = SequenceEncoder(
+        load_policy("default"), num_layers=30, kv_heads=3, head_dim=64, dtype="float16"
+    )
+    for layer, (keys, values) in enumerate(layers):
+        offline.put_layer(layer, keys, values, seal=True)
+    try:
+        _wait_serving(address, process)
+        config = ClientConfig(target=address, insecure=True, timeout_s=120)
+        with CacheClient(config) as client, ThreadPoolExecutor(4) as pool:
+            names = [f"s{index}" for index in range(4)]
+            puts = [
+                pool.submit(client.put, "m", name, layers, dtype="float16", policy="default")
+                for name in names
+            ]
+            assert [put.result().tokens for put in puts] == [120] * 4
+            prefetches = [
+                pool.submit(lambda n=name: list(client.prefetch("m", n))) for name in names
+            ]
+            for prefetch in prefetches:
+                for layer, keys, values in prefetch.result():
+                    want_keys, want_values = offline.restore_layer(layer, 0, 120, "float16")
+                    np.testing.assert_array_equal(keys, want_keys)
+                    np.testing.assert_array_equal(values, want_values)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    records = [json.loads(line) for line in process.stderr.read().splitlines() if line[:1] == "{"]
+    assert {"message": "work threads", "threads": 1}.items() <= next(
+        r for r in records if r["message"] == "work threads"
+    ).items()

@@ -161,6 +161,7 @@ def test_environ_defaults_to_the_process_environment(monkeypatch) -> None:
         ("MINICACHE_MAX_LAYERS", "0"),
         ("MINICACHE_GRACE_S", "-1"),
         ("MINICACHE_MEMORY_TRIM_S", "-1"),
+        ("MINICACHE_WORK_THREADS", "-1"),
         ("MINICACHE_LOG_FORMAT", "xml"),
         ("MINICACHE_TLS_CERT", "/nonexistent/cert.pem"),
         ("MINICACHE_TOKENS_FILE", "/nonexistent/tokens"),
