@@ -1213,6 +1213,12 @@ def print_summary(report: dict[str, Any]) -> None:
                 f"{drift['first_mib']:.0f} -> {drift['last_mib']:.0f} MiB "
                 f"({drift['change_pct']:+.1f} %, range {drift['range_pct']:.1f} %)"
             )
+            if drift["window_drift_pct"] is not None:
+                means = " / ".join(f"{mean:.0f}" for mean in drift["window_means_mib"])
+                print(
+                    f"  means of {drift['window_s']:.0f} s windows {means} MiB: "
+                    f"{drift['window_drift_pct']:.1f} % apart; trend {drift['trend_pct']:+.1f} %"
+                )
     if report["errors"]:
         print("\nerrors by status code:")
         for error in report["errors"]:

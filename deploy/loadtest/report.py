@@ -46,6 +46,10 @@ PERCENTILES = (50, 95, 99)
 
 # ---- scraping ----
 
+# Resident memory is compared window to window, each the mean of this many seconds of
+# samples (`memory_drift`).
+MEMORY_WINDOW_S = 60.0
+
 
 def scrape(address: str, timeout_s: float = SCRAPE_TIMEOUT_S) -> dict[str, Any]:
     """One GET of `http://<address>/metrics`: for each family of `SCRAPED_FAMILIES`, its
@@ -188,12 +192,23 @@ def timeline(
 
 
 def memory_drift(
-    series: Mapping[str, Mapping[str, Any]], warmup_s: float, until_s: float = math.inf
+    series: Mapping[str, Mapping[str, Any]],
+    warmup_s: float,
+    until_s: float = math.inf,
+    window_s: float = MEMORY_WINDOW_S,
 ) -> dict[str, Any]:
     """Per server, resident memory from `warmup_s` to `until_s` (the end of the offered
-    load, before the conversations in flight wind down): the first and last sample, min
-    and max, `change_pct` (last against first) and `range_pct` ((max - min) / first), in
-    %. "Flat within 5 %" means |change_pct| and range_pct both at most 5."""
+    load, before the conversations in flight wind down), in MiB and %:
+
+    - samples: the first and last, min and max, `change_pct` (last against first) and
+      `range_pct` ((max - min) / first). A sample includes the buffers of the requests
+      in flight at that moment, so these swing with the load;
+    - `window_means_mib`: the mean of each whole `window_s` window, and
+      `window_drift_pct`: (largest - smallest window mean) / first window mean. "Flat
+      within 5 %" is `window_drift_pct` at most 5: what the server holds does not grow
+      from one window to the next;
+    - `trend_pct`: the least-squares line through the samples, its change over the span
+      against the mean."""
     drift: dict[str, Any] = {}
     for name, server in series.items():
         t = np.asarray(server.get("t", []), dtype=np.float64)
@@ -202,11 +217,19 @@ def memory_drift(
         if keep.sum() < 2:
             drift[name] = {"warmup_s": warmup_s, "samples": int(keep.sum())}
             continue
-        after = rss[keep]
+        times, after = t[keep], rss[keep]
         first = float(after[0])
+        end = min(until_s, float(times[-1]))
+        edges = np.arange(warmup_s, end - window_s + 1e-9, window_s)
+        means = [
+            float(after[(times >= edge) & (times < edge + window_s)].mean()) / 2**20
+            for edge in edges
+            if ((times >= edge) & (times < edge + window_s)).any()
+        ]
+        slope = float(np.polyfit(times, after, 1)[0])
         drift[name] = {
             "warmup_s": warmup_s,
-            "until_s": min(until_s, float(t[keep][-1])),
+            "until_s": end,
             "samples": int(keep.sum()),
             "first_mib": first / 2**20,
             "last_mib": float(after[-1]) / 2**20,
@@ -214,6 +237,12 @@ def memory_drift(
             "max_mib": float(after.max()) / 2**20,
             "change_pct": 100.0 * (float(after[-1]) - first) / first,
             "range_pct": 100.0 * (float(after.max()) - float(after.min())) / first,
+            "window_s": window_s,
+            "window_means_mib": means,
+            "window_drift_pct": (
+                100.0 * (max(means) - min(means)) / means[0] if len(means) >= 2 else None
+            ),
+            "trend_pct": 100.0 * slope * (times[-1] - times[0]) / float(after.mean()),
         }
     return drift
 

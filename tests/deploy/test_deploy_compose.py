@@ -7,6 +7,7 @@ generate.sh makes cover the names the services dial.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -93,6 +94,17 @@ def test_every_service_is_hardened_bounded_and_health_checked(compose: dict[str,
             if not str(port).startswith("127.0.0.1:"):
                 problems.append(f"{name}: {port} is published beyond loopback")
     assert not problems, "\n".join(problems)
+
+
+def test_cache_servers_work_with_one_thread_per_cpu_of_their_limit(
+    compose: dict[str, Any],
+) -> None:
+    # A container sees the host's CPUs: the server's default would be the host's count.
+    servers = {n: s for n, s in compose["services"].items() if n.startswith("cache-server")}
+    assert servers
+    for name, service in servers.items():
+        cpus = float(service["deploy"]["resources"]["limits"]["cpus"])
+        assert int(service["environment"]["MINICACHE_WORK_THREADS"]) == math.ceil(cpus), name
 
 
 def test_redis_is_reachable_from_the_cache_servers_only(compose: dict[str, Any]) -> None:

@@ -442,6 +442,27 @@ def test_certificates_cover_the_names_clients_dial(
     assert certificate_matches(overlay.certs / "redis.crt", urlsplit(redis_url).hostname)
 
 
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_cache_servers_work_with_one_thread_per_cpu_of_their_limit(
+    rendered_overlays: dict[str, RenderedOverlay], name: str
+) -> None:
+    """MINICACHE_WORK_THREADS comes from the container's own CPU limit (the Downward
+    API), so an overlay that changes the limit changes the threads with it."""
+    statefulset = component_workload(rendered_overlays[name], "cache-server")
+    server = next(
+        c
+        for c in statefulset["spec"]["template"]["spec"]["containers"]
+        if c["name"] == "cache-server"
+    )
+    assert "cpu" in server["resources"]["limits"]
+    threads = next(e for e in server["env"] if e["name"] == "MINICACHE_WORK_THREADS")
+    assert threads["valueFrom"]["resourceFieldRef"] == {
+        "containerName": "cache-server",
+        "resource": "limits.cpu",
+        "divisor": "1",
+    }
+
+
 # ---- the GPU overlay ----
 
 

@@ -181,3 +181,20 @@ def test_check_accepts_the_servers_restore_and_refuses_one_changed_value(
     mismatch, elementwise = expected.check(7, policy, writes, changed)
     assert elementwise and mismatch is not None and mismatch.layer == 2
     assert "1 of" in mismatch.detail
+
+
+def test_memory_drift_tells_load_swings_from_growth() -> None:
+    import report
+
+    t = np.arange(0.0, 600.0, 5.0)
+    swinging = 400e6 + 80e6 * np.sin(2 * np.pi * t / 20.0)  # requests in flight come and go
+    growing = 400e6 + 0.5e6 * t  # +300 MB over the run
+    drift = report.memory_drift(
+        {"flat": {"t": t, "rss_bytes": swinging}, "leak": {"t": t, "rss_bytes": growing}},
+        warmup_s=120.0,
+    )
+    flat, leak = drift["flat"], drift["leak"]
+    assert len(flat["window_means_mib"]) == len(leak["window_means_mib"]) == 7  # whole windows
+    assert flat["range_pct"] > 30  # single samples swing ...
+    assert flat["window_drift_pct"] < 5 and abs(flat["trend_pct"]) < 5  # ... around a flat mean
+    assert leak["window_drift_pct"] > 30 and leak["trend_pct"] > 30
