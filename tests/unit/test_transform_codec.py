@@ -38,7 +38,7 @@ from minicache_client import entropy
 from minicache_client.array_namespace import CARRIER_DTYPES, narrow_from_float32
 from minicache_client.codecs import TransformCoded, codecs_for_group
 from minicache_client.codecs import transform as transform_module
-from minicache_client.codecs.transform import CODE_BLOCK
+from minicache_client.codecs.transform import CODE_BLOCK, CODE_CHUNK_TOKENS
 from minicache_client.entropy import CODERS
 from minicache_client.entry import (
     CorruptEntryError,
@@ -811,3 +811,40 @@ def test_codecs_for_a_transform_group_follow_the_plan() -> None:
             assert (codec.artifact, codec.kind, codec.layers) == (digest, kind, group.layers)
             assert (codec.sink_capacity, codec.window, codec.dtype) == (4, 6, "bfloat16")
             assert codec.layer_count == len(group.layers)
+
+
+@pytest.mark.parametrize("coder", CODERS)
+def test_a_block_is_coded_in_chunks_as_in_one_pass(coder: str, monkeypatch) -> None:
+    # The encoder runs a block's float32 steps a chunk of tokens at a time: the stored
+    # bytes are those of one pass over the whole block, whatever the chunk.
+    dtype, tokens = "float16", 200
+    keys, values = sample(13, dtype, tokens), sample(15, dtype, tokens)
+    encodings = set()
+    for chunk in (CODE_CHUNK_TOKENS, 8, 24, 10**6):
+        monkeypatch.setattr(transform_module, "CODE_CHUNK_TOKENS", chunk)
+        sides = [
+            fed(new_codec(coder, kind, dtype, window=0), layers, [tokens])
+            for kind, layers in zip(KINDS, (keys, values), strict=True)
+        ]
+        assert sides[0].coded_tokens == tokens - SINK  # one block
+        encodings.add(encode_entry(entry_of(*sides)))
+    assert len(encodings) == 1
+
+
+def test_coding_a_long_block_holds_a_chunk_of_float32_steps() -> None:
+    # Coding 4,096 tokens in one pass peaked at 7x the block in float32 (widened,
+    # transposed, centred, padded, projected at once); in chunks, 3x (the int32 codes,
+    # the float16 tokens, the coded bytes).
+    dtype, tokens = "float16", 4096
+    layers = sample(14, dtype, tokens)
+    block_float32 = 2 * HEADS * tokens * DIM * 4  # the group's block, widened
+    fed(new_codec("rans", "values", dtype, window=0), layers, [64])  # the artifact, loaded
+    codec = new_codec("rans", "values", dtype, window=0)
+    tracemalloc.start()
+    try:
+        fed(codec, layers, [tokens])  # one block
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert codec.coded_tokens == tokens - SINK
+    assert peak < 4 * block_float32, f"{peak} bytes at the peak of coding"

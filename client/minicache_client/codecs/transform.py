@@ -51,6 +51,8 @@ _TILE = 8
 # step that coded its one token would pay that read every step; a block of 8 pays about
 # the same read for 8 tokens. On average 3.5 more tokens wait exact than the window holds.
 CODE_BLOCK = _TILE
+# Tokens coded together through the float32 steps of one block (a multiple of _TILE).
+CODE_CHUNK_TOKENS = 32 * _TILE
 
 
 def _tiled_product(rows: np.ndarray, first: int, matrix: np.ndarray) -> np.ndarray:
@@ -198,9 +200,25 @@ class TransformCoded(Codec):
         """Code the first `count` tokens of `recent` as one block."""
         self._decoded = None
         side, rope, coder = self._transform()
-        position = self.frozen_tokens
-        exact = widen_to_float32(self.recent[:, :, :count], self.dtype)
+        # A chunk of tokens at a time through the float32 steps: a 2,048-token block of
+        # a 15-layer group held over 100 MiB of them at once. Every step is per token and
+        # the product is tiled by coded token index, so the codes are those of one pass.
+        codes = np.empty((count, side.rank), dtype=np.int32)
+        for first in range(0, count, CODE_CHUNK_TOKENS):
+            last = min(count, first + CODE_CHUNK_TOKENS)
+            codes[first:last] = self._quantized(side, rope, first, last)
+        data, peak = entropy.encode(codes, side.scales, coder)
+        self.stream = np.concatenate([to_numpy(self.stream), np.frombuffer(data, dtype=np.uint8)])
+        self.block_bytes = _grown(self.block_bytes, self.stream.size)
+        self.block_tokens = _grown(self.block_tokens, self.coded_tokens + count)
+        self.block_peaks = _grown(self.block_peaks, peak)
+        self.recent = self.recent[:, :, count:].copy()
+
+    def _quantized(self, side: SideTransform, rope: list[Any], first: int, last: int) -> Any:
+        """float32 quantization steps, rounded, of tokens [first, last) of `recent`."""
+        exact = widen_to_float32(self.recent[:, :, first:last], self.dtype)
         if self.kind == "keys":
+            position = self.frozen_tokens + first
             exact = array_namespace(exact).stack(
                 [
                     table.rotate(layer, position, inverse=True)
@@ -208,22 +226,16 @@ class TransformCoded(Codec):
                 ]
             )
         # [tokens, layers * heads * channels], the artifact's layout.
-        vectors = to_numpy(exact).transpose(2, 0, 1, 3).reshape(count, -1)
-        coefficients = _tiled_product(vectors - side.mean, self.coded_tokens, side.basis)
-        steps = coefficients / np.float32(side.step)
+        vectors = to_numpy(exact).transpose(2, 0, 1, 3).reshape(last - first, -1)
+        steps = _tiled_product(vectors - side.mean, self.coded_tokens + first, side.basis)
+        steps /= np.float32(side.step)
         # float32 below 2^31 rounds to an int32; beyond (or NaN), a cast would wrap.
         if not (np.abs(steps) < 2.0**31).all():
             raise ValueError(
                 "KV too far beyond the artifact's calibrated range: a transform code "
                 "does not fit 32 bits"
             )
-        codes = np.rint(steps).astype(np.int32)
-        data, peak = entropy.encode(codes, side.scales, coder)
-        self.stream = np.concatenate([to_numpy(self.stream), np.frombuffer(data, dtype=np.uint8)])
-        self.block_bytes = _grown(self.block_bytes, self.stream.size)
-        self.block_tokens = _grown(self.block_tokens, self.coded_tokens + count)
-        self.block_peaks = _grown(self.block_peaks, peak)
-        self.recent = self.recent[:, :, count:].copy()
+        return np.rint(steps, out=steps)
 
     # -- decoding -------------------------------------------------------------------
 
