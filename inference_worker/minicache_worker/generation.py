@@ -212,15 +212,18 @@ class TurnGenerator:
             self._recompute(summary, recompute_reason(exc), exc)
             return 0
         held = cached.tokens
-        if held >= total:
-            # The last input token must run through the model for its logits; a cached
-            # sequence this long is not this history's.
+        if held > total:
+            # Longer than the input: another turn's (or generated tokens), whose first
+            # tokens' digest the service does not keep.
             self._recompute(
                 summary,
                 RecomputeReason.MISMATCH,
                 f"the service holds {held} tokens, the input has {total}",
             )
             return 0
+        # held == total: this turn's input, stored by an earlier try of the same turn
+        # (a worker that died while it generated: it keeps its decode steps until the
+        # turn ends). The tag tells.
         if cached.tag != token_digest(request.input_tokens[:held]):
             self._recompute(
                 summary,
@@ -277,21 +280,31 @@ class TurnGenerator:
         writer: SequenceWriter | None,
         summary: TurnSummary,
     ) -> tuple[ServiceCache | DynamicCache, torch.Tensor]:
-        """Run tokens[held:] over the restored history; recompute all on failure."""
-        if held:
-            cache = ServiceCache(self.lm.num_layers, self._feed(request.session_id, held), writer)
-            writer.start_put(held, len(tokens) - held, token_digest(tokens))
+        """Run tokens[held:] over the restored history; recompute all on failure. When
+        the service holds the whole input, its last token runs again for its logits and
+        is not written again."""
+        restored = min(held, len(tokens) - 1)
+        if restored:
+            feed = self._feed(request.session_id, restored)
+            if restored < held:
+                cache = ServiceCache(self.lm.num_layers, feed, None)
+            else:
+                cache = ServiceCache(self.lm.num_layers, feed, writer)
+                writer.start_put(held, len(tokens) - held, token_digest(tokens))
             try:
-                logits = self._forward(cache, tokens[held:])
+                logits = self._forward(cache, tokens[restored:])
             except HistoryUnavailableError as exc:
                 cache.close()
                 writer.abort_put()
                 self._recompute(summary, recompute_reason(exc), exc)
-                held = 0
             else:
-                writer.end_put()
-                summary.cached_tokens = held
-                summary.prefilled_tokens = len(tokens) - held
+                if restored < held:
+                    writer.already_held(held)
+                    cache.writer = writer
+                else:
+                    writer.end_put()
+                summary.cached_tokens = restored
+                summary.prefilled_tokens = len(tokens) - restored
                 self.metrics.resumed_turns.inc()
                 return cache, logits
         cache = ServiceCache(self.lm.num_layers, None, writer) if writer else DynamicCache()

@@ -6,8 +6,9 @@ One `ServiceCache` serves one forward pass or a run of them (a turn) of one sequ
   background thread; layer i's `update` waits for layer i only, so the prefetch of the
   deeper layers overlaps the computation of the shallower ones;
 - new tokens: each layer's new KV goes to a `SequenceWriter` as soon as the layer has
-  computed it; the writer sends it from its own thread (a streamed put for a prefill, one
-  Append per decode step), so the wire overlaps the next layer's computation;
+  computed it; the writer sends it from its own thread (a prefill's streamed put, so the
+  wire overlaps the next layer's computation; decode steps when the writer is flushed:
+  each step in remote residency, the turn's steps at its end in local residency);
 - residency: between decode steps the layers keep their KV (local residency), or
   `reload` drops it and the next step reads the whole history back from the service
   (remote residency).
@@ -131,10 +132,14 @@ class SequenceWriter:
     `start_put(start_token, tokens, tag)` opens a streamed put (a prefill; from token 0
     it writes the sequence with `policy`), then `layer(...)` for each layer, `end_put()`;
     decode steps call `layer(...)` with one token per layer and `end_step(start_token,
-    tag)` sends them in one Append. `tag` labels the sequence's content after the write
-    (the digest of its token ids, `token_digest`). After the first failure the writer drops everything else
-    and `flush()` returns the error: the service then holds a prefix of the sequence
-    (puts and appends are atomic), which the next turn extends.
+    tag)`, which keeps the step: `flush()` sends the steps kept so far, one step in an
+    Append, several in one streamed put. A turn that keeps its decode steps until it
+    ends leaves the service holding exactly its input while it generates, so a retry of
+    the turn elsewhere after this worker died resumes from it (`already_held`);
+    `abort_put` drops the steps not sent. `tag` labels the sequence's content after the
+    write (the digest of its token ids, `token_digest`). After the first failure the
+    writer drops everything else and `flush()` returns the error: the service then holds
+    a prefix of the sequence (puts and appends are atomic), which the next turn extends.
     """
 
     def __init__(
@@ -162,6 +167,8 @@ class SequenceWriter:
         self.failure: BaseException | None = None
         self._put = None
         self._step: list[tuple[Any, Any] | None] = [None] * num_layers
+        # Decode steps kept for the next flush: (start token, layers, tag).
+        self._steps: list[tuple[int, list[tuple[Any, Any]], bytes]] = []
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="sequence-writer", daemon=True)
         self._thread.start()
@@ -221,10 +228,18 @@ class SequenceWriter:
         self._jobs.put(finish)
         self._step = [None] * self.shape["num_layers"]
 
+    def already_held(self, tokens: int) -> None:
+        """The service holds the first `tokens` tokens already (a retried turn whose input
+        was stored): nothing is put, decode steps extend the sequence from there."""
+        self.held_tokens = tokens
+        self._step = [None] * self.shape["num_layers"]
+
     def abort_put(self) -> None:
-        """Cancel the open put: the service keeps what it held before it."""
+        """Cancel the open put and drop the decode steps not sent: the service keeps
+        what it held before them."""
         self._jobs.put(self._abort_open_put)
         self._step = [None] * self.shape["num_layers"]
+        self._steps = []
 
     def _abort_open_put(self) -> None:
         """The job of `abort_put`. It runs after a failure too, and forgets it: the failure
@@ -237,25 +252,45 @@ class SequenceWriter:
         self.failure = None
 
     def end_step(self, start_token: int, tag: bytes) -> None:
+        """Keep the decode step whose layers `layer(...)` gave, for the next `flush`."""
         layers, self._step = self._step, [None] * self.shape["num_layers"]
         if any(entry is None for entry in layers):
             raise RuntimeError("a decode step ended before every layer computed its KV")
+        if self._steps and start_token != self._steps[-1][0] + 1:
+            raise RuntimeError(f"decode step at token {start_token} does not follow the last")
+        self._steps.append((start_token, layers, tag))
 
-        def append() -> None:
-            result = self.client.append(
-                self.model_id,
-                self.sequence_id,
-                layers,
-                dtype=self.dtype,
-                start_token=start_token,
-                tag=tag,
-            )
+    def _send_steps(self) -> None:
+        """Queue the decode steps kept so far as one write."""
+        if not self._steps:
+            return
+        steps, self._steps = self._steps, []
+        start_token, tag = steps[0][0], steps[-1][2]
+        layers = [
+            tuple(torch.cat([step[1][layer][side] for step in steps], dim=1) for side in (0, 1))
+            for layer in range(self.shape["num_layers"])
+        ]
+        arguments = {"dtype": self.dtype, "start_token": start_token, "tag": tag}
+
+        def write() -> None:
+            if len(steps) == 1:
+                result = self.client.append(self.model_id, self.sequence_id, layers, **arguments)
+            else:  # beyond one message's size for long turns: a stream
+                result = self.client.put(
+                    self.model_id,
+                    self.sequence_id,
+                    layers,
+                    **arguments,
+                    timeout_s=self.stream_timeout_s,
+                )
             self.held_tokens = result.tokens
 
-        self._jobs.put(append)
+        self._jobs.put(write)
 
     def flush(self) -> BaseException | None:
-        """Wait until everything queued was sent; the first failure, if any."""
+        """Send the decode steps kept, wait until everything queued was sent; the first
+        failure, if any."""
+        self._send_steps()
         self._jobs.join()
         return self.failure
 

@@ -255,8 +255,9 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     def _stream_turn(
         self, generator: TurnGenerator, turn: TurnRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GenerateResponse]:
-        # A turn the caller leaves early keeps what it stored: the KV of its tokens, under
-        # their digest, which a next turn with another message does not match.
+        # A turn the caller leaves early keeps what it stored: its input's KV under their
+        # digest (the decode steps it kept are dropped), which a retry of the same turn
+        # resumes and a next turn with another message does not match.
         with contextlib.closing(generator.generate(turn)) as events:
             for event in events:
                 if isinstance(event, TurnSummary):

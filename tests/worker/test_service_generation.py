@@ -16,7 +16,7 @@ from minicache_worker.generation import (
     TurnRequest,
     TurnSummary,
 )
-from minicache_worker.service_cache import SequenceWriter
+from minicache_worker.service_cache import SequenceWriter, token_digest
 
 pytestmark = pytest.mark.model
 
@@ -328,3 +328,30 @@ def test_a_failed_extension_aborted_for_a_recompute_does_not_stop_the_rewrite(
         finally:
             writer.close()
         assert client.lookup("m", "rewritten").tokens == 6
+
+
+def test_a_turn_retried_after_its_worker_went_away_resumes_from_its_stored_input(
+    lm, cache_server, turn_inputs
+) -> None:
+    """A worker keeps a turn's decode steps until the turn ends: one that goes away in
+    the middle of its decode leaves the service holding the turn's input, which a retry
+    of the turn on another worker restores (all but the last token, which runs again
+    for its logits and is not written twice)."""
+    session = "retried"
+    with client_of(cache_server) as client:
+        first_worker = TurnGenerator(lm, client)
+        _, first = run_turn(first_worker, TurnRequest(session, [], turn_inputs[0], 4, "none"))
+        request = TurnRequest(session, first.turn_tokens, turn_inputs[1], MAX_NEW, "none")
+        total = len(request.input_tokens)
+        going_away = first_worker.generate(request)
+        assert isinstance(next(going_away), int)  # prefilled (and stored), decoding
+        going_away.close()  # as when the caller or the worker goes away mid-turn
+        held = client.lookup(lm.name, session)
+        assert held.tokens == total and held.tag == token_digest(request.input_tokens)
+        second_worker = TurnGenerator(lm, client)
+        tokens, retry = run_turn(second_worker, request)
+        assert retry.recompute_reason is RecomputeReason.NONE
+        assert (retry.cached_tokens, retry.prefilled_tokens) == (total - 1, 1)
+        assert retry.stored and client.lookup(lm.name, session).tokens == total + len(tokens) - 1
+    expected, _ = run_turn(TurnGenerator(lm, None), request)
+    assert tokens == expected
