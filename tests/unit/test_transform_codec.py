@@ -848,3 +848,29 @@ def test_coding_a_long_block_holds_a_chunk_of_float32_steps() -> None:
         tracemalloc.stop()
     assert codec.coded_tokens == tokens - SINK
     assert peak < 4 * block_float32, f"{peak} bytes at the peak of coding"
+
+
+def test_restoring_a_wide_group_holds_one_float32_layer_at_a_time() -> None:
+    # A group of many layers (the shipped default has 15) restores each layer in
+    # float32 and narrows it into its output before the next: what it holds beyond the
+    # outputs is the decoded codes and coefficients, not every layer in float32 too.
+    layers, tokens, dtype = 8, 2048, "float16"
+    _, digest = sample_artifact(num_layers=layers, groups=(tuple(range(layers)),), seed=3)
+    codec = TransformCoded(
+        HEADS, DIM, dtype, artifact=digest, kind="keys", layer_total=layers, window=0
+    )
+    fed(codec, sample(16, dtype, tokens, layers), [tokens])
+    codec.restore_group(0, tokens, dtype)  # the artifact's tables, built once
+    coefficients = codec.coded_tokens * layers * HEADS * DIM * 4  # full rank, float32
+    outputs = layers * HEADS * tokens * DIM * 2
+    tracemalloc.start()
+    try:
+        restored = codec.restore_group(0, tokens, dtype)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sum(layer.nbytes for layer in restored) == outputs
+    # The codes (int32) and their float32 coefficients, the outputs, the decoder's own
+    # buffers and a layer or two in float32: 2.9x the coefficients here, where holding
+    # every layer in float32 (and a copy of the codes) came to 3.6x.
+    assert peak < 2 * coefficients + 5 * outputs // 2, peak

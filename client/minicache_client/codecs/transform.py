@@ -21,7 +21,7 @@ encode or restore.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -260,11 +260,13 @@ class TransformCoded(Codec):
                 )
             )
         offset = start - (int(ends[first - 1]) if first else 0)
-        return np.concatenate(parts)[offset : offset + end - start]
+        codes = parts[0] if len(parts) == 1 else np.concatenate(parts)  # one block: no copy
+        return codes[offset : offset + end - start]
 
-    def _restore_coded(self, layer_positions: Sequence[int], start: int, end: int) -> list[Any]:
+    def _restore_coded(self, layer_positions: Sequence[int], start: int, end: int) -> Iterator[Any]:
         """float32 `[kv_heads, end - start, head_dim]` of coded tokens [start, end) for
-        each of `layer_positions` (indices into the group).
+        each of `layer_positions` (indices into the group), one at a time: the caller
+        narrows each into its output before the next is made.
 
         The decoded coefficients (float32, `[tokens, rank]`: several times the stored
         bytes) are kept for the next call only when this one restores some of the
@@ -281,15 +283,13 @@ class TransformCoded(Codec):
         whole_group = len(layer_positions) >= self.layer_total
         self._decoded = None if whole_group else (start, end, coefficients)
         width = self.kv_heads * self.head_dim
-        restored = []
         for which in layer_positions:
             rows = slice(which * width, (which + 1) * width)
             vectors = _tiled_product(coefficients, start, side.basis[rows].T) + side.mean[rows]
             layer = vectors.reshape(end - start, self.kv_heads, self.head_dim).transpose(1, 0, 2)
             if self.kind == "keys":
                 layer = rope[which].rotate(layer, int(self.sink.shape[2]) + start)
-            restored.append(layer)
-        return restored
+            yield layer
 
     def _restore_into(
         self, outs: list[Any], which: Sequence[int], start: int, end: int, dtype: str
