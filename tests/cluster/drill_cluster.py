@@ -108,14 +108,20 @@ class DrillCluster:
         with self.sessions_cache(self.server_of(session)) as cache:
             return cache.lookup(self.model_id, self.sequence_id(session))
 
-    def turn(self, worker: int, session: str, history: list[int], message: str, **kwargs) -> Turn:
+    def turn(
+        self,
+        worker: int,
+        session: str,
+        history: list[int],
+        message: str,
+        max_new_tokens: int = MAX_NEW_TOKENS,
+    ) -> Turn:
         with self.worker(worker) as client:
             result = client.turn(
                 session,
                 history_tokens=history,
                 user_message=message,
-                max_new_tokens=MAX_NEW_TOKENS,
-                **kwargs,
+                max_new_tokens=max_new_tokens,
             )
         return Turn.of(result, history)
 

@@ -1,6 +1,7 @@
 """Fault drills on a real local cluster (tests/cluster/conftest.py): a cache server
 killed while sessions run, Redis killed and restarted, a cache server stopped with a
-stream in flight, a worker killed in the middle of a turn. Traffic flows through the
+stream in flight, a worker killed in the middle of a turn (in its prefill, in its
+decode). Traffic flows through the
 workers with the default policy; decoding is greedy, so every turn has one right
 answer, known before the fault:
 
@@ -42,6 +43,9 @@ LONG_MESSAGE = (
     )
     + " Which of these points mention the bridge?"
 )
+# A message whose answer runs long: the worker drill kills a worker while it decodes.
+LONG_ANSWER_MESSAGE = "Describe the history of Paris in a few sentences."
+LONG_ANSWER_TOKENS = 64
 RECOMPUTED = ("miss", "unavailable")
 BOUND_S = 30.0  # every wait for a state that a fault brings about
 
@@ -86,6 +90,29 @@ def wait_for(condition, what: str, timeout_s: float = BOUND_S, interval_s: float
             return value
         assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
         time.sleep(interval_s)
+
+
+def turn_on_a_thread(
+    dc: DrillCluster, worker: int, session: str, history: list[int], message: str, tokens: int
+) -> tuple[threading.Thread, list[object], list[BaseException]]:
+    """A turn streamed on a thread, started: (the thread, the events received so far,
+    the CacheError that ended the stream, if one did)."""
+    received: list[object] = []
+    failures: list[BaseException] = []
+
+    def stream() -> None:
+        try:
+            with dc.worker(worker) as client:
+                for event in client.generate(
+                    session, history_tokens=history, user_message=message, max_new_tokens=tokens
+                ):
+                    received.append(event)
+        except CacheError as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    return thread, received, failures
 
 
 def plaintext_health(address: str) -> str:
@@ -232,6 +259,61 @@ def test_sigterm_drains_a_stream_in_flight(drill_cluster: DrillCluster) -> None:
         assert np.array_equal(keys, sent_keys) and np.array_equal(values, sent_values)
 
 
+def test_worker_killed_mid_decode_resumes_from_the_stored_input(
+    drill_cluster: DrillCluster,
+) -> None:
+    """worker-1 dies while it decodes: it had stored the turn's input (the prefill) and
+    keeps decode steps until the turn ends, so the retry on worker-0 restores the whole
+    input but its last token (which runs again for its logits). worker-1 is started
+    again at the end for the drill below."""
+    dc = drill_cluster
+    # The reference: the same turn resumed from its stored input in a healthy cluster.
+    # A caller that goes away after the first token leaves the service holding the input
+    # (the worker drops the decode steps it kept), as the killed worker does below.
+    reference = "d5-reference"
+    history = dc.turn(0, reference, [], MESSAGES[0]).history
+    before = dc.lookup(reference).tokens
+    with dc.worker(0) as client:
+        events = client.generate(
+            reference,
+            history_tokens=history,
+            user_message=LONG_ANSWER_MESSAGE,
+            max_new_tokens=LONG_ANSWER_TOKENS,
+        )
+        next(iter(events))
+    wait_for(lambda: dc.lookup(reference).tokens > before, "the reference's stored input")
+    expected = dc.turn(0, reference, history, LONG_ANSWER_MESSAGE, LONG_ANSWER_TOKENS)
+    assert expected.recompute_reason == ""
+    assert expected.cached_tokens == dc.lookup(reference).tokens - len(expected.tokens)
+
+    session = "d5-session"
+    first = dc.turn(0, session, [], MESSAGES[0])
+    assert first.history == history
+    before = dc.lookup(session).tokens
+    caller, received, failures = turn_on_a_thread(
+        dc, 1, session, history, LONG_ANSWER_MESSAGE, LONG_ANSWER_TOKENS
+    )
+    try:
+        # The prefill's put committed: the service holds the input; decoding goes on.
+        held = wait_for(
+            lambda: (tokens := dc.lookup(session).tokens) > before and tokens,
+            "the stored prefill",
+            interval_s=0.01,
+        )
+        dc.cluster.kill("worker-1")
+        caller.join(timeout=BOUND_S)
+        assert not caller.is_alive()
+        assert failures and isinstance(failures[0], UnavailableError)
+        assert 0 < len(received) < LONG_ANSWER_TOKENS, "the kill came after the turn"
+        assert dc.lookup(session).tokens == held, "decode steps were stored"
+        retry = dc.turn(0, session, history, LONG_ANSWER_MESSAGE, LONG_ANSWER_TOKENS)
+        assert retry.recompute_reason == "" and retry.cached_tokens == held - 1
+        assert retry.tokens == expected.tokens
+        assert dc.lookup(session).tokens == len(retry.history) - 1  # the retry stored
+    finally:
+        dc.cluster.restart("worker-1")
+
+
 def test_worker_killed_mid_turn_resumes_on_the_other(drill_cluster: DrillCluster) -> None:
     """Last in this module: worker-0 stays down (restarting it means loading the
     model again)."""
@@ -244,25 +326,9 @@ def test_worker_killed_mid_turn_resumes_on_the_other(drill_cluster: DrillCluster
     server = dc.server_of(session)
     lookups = ("minicache_requests_total", (("code", "OK"), ("method", "Lookup")))
     before = dc.metrics(server).get(lookups, 0.0)
-
-    received: list[object] = []
-    failures: list[BaseException] = []
-
-    def long_turn() -> None:
-        try:
-            with dc.worker(0) as client:
-                for event in client.generate(
-                    session,
-                    history_tokens=history,
-                    user_message=messages[1],
-                    max_new_tokens=MAX_NEW_TOKENS,
-                ):
-                    received.append(event)
-        except CacheError as exc:
-            failures.append(exc)
-
-    caller = threading.Thread(target=long_turn)
-    caller.start()
+    caller, received, failures = turn_on_a_thread(
+        dc, 0, session, history, messages[1], MAX_NEW_TOKENS
+    )
     # The worker looked the session up: it restores the history, then prefills the long
     # message (about a second); it dies in the middle of that.
     wait_for(

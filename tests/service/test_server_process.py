@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -57,6 +59,27 @@ def _wait_serving(address: str, process: subprocess.Popen) -> None:
     pytest.fail("server did not become SERVING within 30 s")
 
 
+@contextlib.contextmanager
+def _serving(address: str, env_overrides: dict[str, str]) -> Iterator[subprocess.Popen]:
+    """A server process serving at `address`; at the end of the block SIGTERM, which it
+    must answer with a clean exit within 15 s (killed otherwise, or on an error)."""
+    process = _start({"MINICACHE_LISTEN": address, **env_overrides})
+    try:
+        _wait_serving(address, process)
+        yield process
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _log_records(process: subprocess.Popen) -> list[dict]:
+    """The JSON log lines the process wrote on stderr."""
+    return [json.loads(line) for line in process.stderr.read().splitlines() if line[:1] == "{"]
+
+
 def _scrape(metrics_port: int) -> dict[tuple[str, tuple], float]:
     """The samples of one scrape: (name, sorted labels) -> value."""
     url = f"http://127.0.0.1:{metrics_port}/metrics"
@@ -85,16 +108,12 @@ def test_bad_setting_names_its_variable() -> None:
 def test_serves_health_metrics_and_drains_on_sigterm() -> None:
     port, metrics_port = free_port(), free_port()
     address = f"127.0.0.1:{port}"
-    process = _start(
-        {
-            "MINICACHE_LISTEN": address,
-            "MINICACHE_METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
-            "MINICACHE_INSECURE": "1",
-            "MINICACHE_GRACE_S": "2",
-        }
-    )
-    try:
-        _wait_serving(address, process)
+    settings = {
+        "MINICACHE_METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
+        "MINICACHE_INSECURE": "1",
+        "MINICACHE_GRACE_S": "2",
+    }
+    with _serving(address, settings) as process:
         with grpc.insecure_channel(address) as channel:
             stub = pb_grpc.CacheServiceStub(channel)
             stats = stub.Stats(pb.StatsRequest(), timeout=5)
@@ -117,14 +136,7 @@ def test_serves_health_metrics_and_drains_on_sigterm() -> None:
         assert samples[("minicache_misses_total", (("reason", "unknown_sequence"),))] == 1
         assert samples[("minicache_request_seconds_count", (("method", "Stats"),))] == 1
         assert samples[("minicache_sequences", ())] == 0
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=15) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    stderr = process.stderr.read()
-    records = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    records = _log_records(process)
     messages = [record["message"] for record in records]
     assert any("INSECURE MODE" in message for message in messages)
     assert "shutting down" in messages and "stopped" in messages
@@ -155,17 +167,13 @@ def test_one_work_thread_serves_concurrent_puts_and_prefetches() -> None:
     # threads: with one, concurrent calls of a transform policy queue on it and all
     # complete, restoring what the engine restores offline.
     address = f"127.0.0.1:{free_port()}"
-    process = _start(
-        {"MINICACHE_LISTEN": address, "MINICACHE_INSECURE": "1", "MINICACHE_WORK_THREADS": "1"}
-    )
     layers = kv_layers(30, 120, 3, 64, seed=7)
     offline = SequenceEncoder(
         load_policy("default"), num_layers=30, kv_heads=3, head_dim=64, dtype="float16"
     )
     for layer, (keys, values) in enumerate(layers):
         offline.put_layer(layer, keys, values, seal=True)
-    try:
-        _wait_serving(address, process)
+    with _serving(address, {"MINICACHE_INSECURE": "1", "MINICACHE_WORK_THREADS": "1"}) as process:
         config = ClientConfig(target=address, insecure=True, timeout_s=120)
         with CacheClient(config) as client, ThreadPoolExecutor(4) as pool:
             names = [f"s{index}" for index in range(4)]
@@ -182,13 +190,7 @@ def test_one_work_thread_serves_concurrent_puts_and_prefetches() -> None:
                     want_keys, want_values = offline.restore_layer(layer, 0, 120, "float16")
                     np.testing.assert_array_equal(keys, want_keys)
                     np.testing.assert_array_equal(values, want_values)
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=15) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    records = [json.loads(line) for line in process.stderr.read().splitlines() if line[:1] == "{"]
+    records = _log_records(process)
     assert {"message": "work threads", "threads": 1}.items() <= next(
         r for r in records if r["message"] == "work threads"
     ).items()
