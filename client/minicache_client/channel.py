@@ -2,8 +2,9 @@
 
 Every channel declares its retries in the service config (UNAVAILABLE only, at most 4
 attempts with exponential backoff, all within the call's deadline; every method but the
-streamed Put, see `RETRIED_METHODS`) rather than in Python loops, caps message sizes, and sends keepalive pings during long calls. Plaintext is
-allowed only when asked for (`insecure=True`); otherwise `tls_ca` makes the channel TLS
+client-streamed Put, see `RETRIED_METHODS`) rather than in Python loops, caps message
+sizes, and sends keepalive pings during long calls. Plaintext is allowed only when asked
+for (`insecure=True`); otherwise `tls_ca` makes the channel TLS
 (mutual TLS with a client certificate and key). The bearer token travels as call
 credentials over TLS, or as per-call metadata (`call_metadata`) over plaintext, where
 gRPC refuses call credentials.
@@ -19,7 +20,9 @@ from typing import Any
 
 import grpc
 
-SERVICE_NAME = "minicache.v1.CacheService"
+from minicache_client.proto import cache_service_pb2 as pb
+
+SERVICE = pb.DESCRIPTOR.services_by_name["CacheService"]
 
 RETRY_POLICY = {
     "maxAttempts": 4,
@@ -28,17 +31,19 @@ RETRY_POLICY = {
     "backoffMultiplier": 2,
     "retryableStatusCodes": ["UNAVAILABLE"],
 }
-# Every method but the client-streamed Put. gRPC replays a retried call's messages from
-# a bounded buffer; a Put refused UNAVAILABLE while its layers still stream (the server's
-# staging is full) was replayed without its header, and grpcio 1.85 then aborted the
-# client process (SIGABRT, "ILLEGAL STATE: FORWARDED_BATCH"). A refused Put surfaces as
-# `UnavailableError`: the caller writes it again, or goes on without the cache.
-RETRIED_METHODS = ("Append", "Prefetch", "Lookup", "Delete", "Stats", "GetArtifact")
+# Every method but the client-streamed ones (Put). gRPC replays a retried call's
+# messages from a bounded buffer; a Put refused UNAVAILABLE while its layers still stream
+# (the server's staging is full) was replayed without its header, and grpcio 1.85 then
+# aborted the client process (SIGABRT, "ILLEGAL STATE: FORWARDED_BATCH"). A refused Put
+# surfaces as `UnavailableError`: the caller writes it again, or goes on without the cache.
+RETRIED_METHODS = tuple(method.name for method in SERVICE.methods if not method.client_streaming)
 SERVICE_CONFIG = json.dumps(
     {
         "methodConfig": [
             {
-                "name": [{"service": SERVICE_NAME, "method": name} for name in RETRIED_METHODS],
+                "name": [
+                    {"service": SERVICE.full_name, "method": name} for name in RETRIED_METHODS
+                ],
                 "retryPolicy": RETRY_POLICY,
             }
         ]
