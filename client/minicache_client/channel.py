@@ -23,6 +23,7 @@ import grpc
 from minicache_client.proto import cache_service_pb2 as pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["CacheService"]
+SERVICE_NAME = SERVICE.full_name
 
 RETRY_POLICY = {
     "maxAttempts": 4,
@@ -41,9 +42,7 @@ SERVICE_CONFIG = json.dumps(
     {
         "methodConfig": [
             {
-                "name": [
-                    {"service": SERVICE.full_name, "method": name} for name in RETRIED_METHODS
-                ],
+                "name": [{"service": SERVICE_NAME, "method": name} for name in RETRIED_METHODS],
                 "retryPolicy": RETRY_POLICY,
             }
         ]
