@@ -221,11 +221,8 @@ def memory_drift(
         first = float(after[0])
         end = min(until_s, float(times[-1]))
         edges = np.arange(warmup_s, end - window_s + 1e-9, window_s)
-        means = [
-            float(after[(times >= edge) & (times < edge + window_s)].mean()) / 2**20
-            for edge in edges
-            if ((times >= edge) & (times < edge + window_s)).any()
-        ]
+        windows = [(times >= edge) & (times < edge + window_s) for edge in edges]
+        means = [float(after[window].mean()) / 2**20 for window in windows if window.any()]
         slope = float(np.polyfit(times, after, 1)[0])
         drift[name] = {
             "warmup_s": warmup_s,
