@@ -26,8 +26,13 @@ log = logging.getLogger("minicache_server")
 
 
 def work_threads(settings) -> int:
-    """`settings.work_threads`, or when 0 the number of CPUs this process may run on."""
-    return settings.work_threads or len(os.sched_getaffinity(0))
+    """`settings.work_threads`, or when 0 the number of CPUs this process may run on
+    (the machine's where the system cannot say: macOS has no `sched_getaffinity`)."""
+    if settings.work_threads:
+        return settings.work_threads
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 async def serve(settings) -> None:
