@@ -194,6 +194,13 @@ class ServerSettings:
         4 << 20,
         "largest gRPC message received or sent; at least --max-chunk-bytes + 64 KiB",
     )
+    stream_window_bytes: int = setting(
+        1 << 20,
+        "HTTP/2 flow-control window of each call: the most bytes of a streamed put that "
+        "gRPC takes in before the server reads them, so a server's memory does not follow "
+        "how many puts are in flight; 0: gRPC's adaptive window (BDP probing), which grows "
+        "to megabytes per call under load",
+    )
     max_tokens: int = setting(1 << 17, "most tokens one sequence may hold")
     max_layers: int = setting(256, "most layers one sequence may have")
     tenant_quota_bytes: int = setting(
@@ -242,6 +249,7 @@ class ServerSettings:
                 "max_message_bytes",
                 "at least max_chunk_bytes + 64 KiB",
             ),
+            (self.stream_window_bytes >= 0, "stream_window_bytes", ">= 0"),
             (self.max_tokens >= 1, "max_tokens", ">= 1"),
             (self.max_layers >= 1, "max_layers", ">= 1"),
             (self.tenant_quota_bytes >= 0, "tenant_quota_bytes", ">= 0"),

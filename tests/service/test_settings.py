@@ -159,6 +159,7 @@ def test_environ_defaults_to_the_process_environment(monkeypatch) -> None:
         ("MINICACHE_MAX_CHUNK_BYTES", "100"),
         ("MINICACHE_MAX_MESSAGE_BYTES", "1MiB"),
         ("MINICACHE_MAX_LAYERS", "0"),
+        ("MINICACHE_STREAM_WINDOW_BYTES", "-1"),
         ("MINICACHE_GRACE_S", "-1"),
         ("MINICACHE_MEMORY_TRIM_S", "-1"),
         ("MINICACHE_WORK_THREADS", "-1"),

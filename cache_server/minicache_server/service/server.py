@@ -192,6 +192,28 @@ async def start_server(settings: ServerSettings) -> CacheServer:
         raise
 
 
+def grpc_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    """The cache service's gRPC server options: message limits, no port sharing, and
+    the flow-control window of each call (`stream_window_bytes`).
+
+    gRPC's adaptive window (BDP probing) grows each call's window to megabytes when the
+    connection is fast, as loopback and a cluster network are: every streamed put then
+    has that much of its KV taken in ahead of the server reading it, and a server's
+    resident memory rises and falls with the puts in flight (docs/results.md,
+    "Capacity and load": the soak before and after)."""
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    if settings.stream_window_bytes:
+        options += [
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", settings.stream_window_bytes),
+        ]
+    return options
+
+
 async def _start_server(settings: ServerSettings, artifact_dir: Path | None) -> CacheServer:
     default_policy = default_policy_of(settings)
     metrics = CacheMetrics()
@@ -207,14 +229,7 @@ async def _start_server(settings: ServerSettings, artifact_dir: Path | None) -> 
         report = await store.recover()
         log.info("recovered what the persistent tiers hold", extra=report.__dict__)
     auth = TokenAuth(settings.token_tenants())
-    server = grpc.aio.server(
-        interceptors=[AuthInterceptor(auth)],
-        options=[
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.max_send_message_length", settings.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ],
-    )
+    server = grpc.aio.server(interceptors=[AuthInterceptor(auth)], options=grpc_options(settings))
     add_cache_service(server, store, auth, metrics)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
