@@ -10,6 +10,7 @@ work is in the modules beside it: `writes`, `reads`, `accounting`, `recovery`,
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import AsyncIterator
 from types import ModuleType
@@ -67,8 +68,10 @@ class SequenceStore:
         self.limits = limits
         self.default_policy = default_policy
         self.sequences: dict[tuple[str, str, str], StoredSequence] = {}
-        # Bytes held by puts in progress (`PutSession._restage`).
+        # Bytes held by puts in progress (`PutSession._restage`), and the new writes
+        # waiting for room to stage (`reserve_staging`), first come first served.
         self.staged_bytes = 0
+        self._staging_waiters: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
         # The last generation handed out; generations of writes not committed yet.
         self.generation = 0
         self.pending: set[int] = set()
@@ -187,6 +190,47 @@ class SequenceStore:
             await asyncio.gather(*self._cleanups, return_exceptions=True)
         for tier in self.chain.tiers:
             await tier.close()
+
+    # -- staging of writes in progress --------------------------------------------------
+
+    async def reserve_staging(self, nbytes: int, wait_s: float) -> bool:
+        """Count `nbytes` more as staged once they fit the staging budget (the device
+        budget), after the writes that asked before: True; False when `wait_s` passed
+        first. A caller cancelled while it waits takes nothing."""
+        budget = self.device.budget_bytes
+        if not self._staging_waiters and self.staged_bytes + nbytes <= budget:
+            self.staged_bytes += nbytes
+            return True
+        waiter = (nbytes, asyncio.get_running_loop().create_future())
+        self._staging_waiters.append(waiter)
+        try:
+            async with asyncio.timeout(wait_s):
+                await waiter[1]
+        except BaseException as exc:
+            if waiter[1].done() and not waiter[1].cancelled():
+                self.staged_bytes -= nbytes  # granted as the wait ended: given back
+            else:
+                waiter[1].cancel()
+            self.staging_released()
+            if isinstance(exc, TimeoutError):
+                return False
+            raise
+        return True
+
+    def staging_released(self) -> None:
+        """Staging was given back: let in the waiting writes that now fit, in order."""
+        budget = self.device.budget_bytes
+        waiters = self._staging_waiters
+        while waiters:
+            nbytes, future = waiters[0]
+            if future.done():
+                waiters.popleft()
+            elif self.staged_bytes + nbytes <= budget:
+                waiters.popleft()
+                self.staged_bytes += nbytes
+                future.set_result(None)
+            else:
+                break
 
     # -- generations of writes in progress ----------------------------------------------
 

@@ -9,8 +9,11 @@ sequence to it (`SequenceStore.pending` marks it in use, so no one else demotes 
 its entries). What a put holds in memory while it streams is its raw layers (being
 assembled, waiting for the encoder or for a merge partner): its staging, bounded by the
 device budget for each put and for all puts in progress together; a put waits for its
-encoder rather than be refused for what the encoder still holds. A write that fails or is cancelled leaves the
-sequence as it was; the entries it placed are deleted.
+encoder rather than be refused for what the encoder still holds. Before its first layer,
+a new write reserves the staging it will need at most (`peak_staging`), waiting behind
+the writes that came first for up to `STAGING_WAIT_S`: under load, writes queue for the
+staging instead of taking it from each other and being refused mid-stream. A write that
+fails or is cancelled leaves the sequence as it was; the entries it placed are deleted.
 
 An extension (from the tokens held) keeps its raw tokens until the commit, then
 appends them to every group:
@@ -80,6 +83,8 @@ def room_error(exc: NoRoomError | TierUnavailableError, what: str) -> CacheError
 
 # Layers of a put that may wait for the encoder while the next chunks are read.
 MAX_QUEUED_LAYERS = 2
+# How long a new write waits for its staging before it is refused UNAVAILABLE.
+STAGING_WAIT_S = 30.0
 
 
 @contextlib.contextmanager
@@ -133,6 +138,7 @@ class PutSession:
             2 * header.kv_heads * (self.end - self.start) * header.head_dim
         ) * CARRIER_DTYPES[self.dtype].itemsize
         self.staged = 0
+        self.reserved = 0  # a new write's staging reserved before its first layer
         self.existing = store.sequences.get((tenant, self.model_id, self.sequence_id))
         if self.start == 0:
             self.policy = store.resolve_policy(header.policy, ModelShape(*self.shape))
@@ -169,6 +175,7 @@ class PutSession:
                 self.encoding.cancel()  # a failed or cancelled put: nothing more is placed
             elif not self.encoding.cancelled():
                 self.encoding.exception()  # seen here: asyncio would log it as unretrieved
+        self._end_reservation()
         self._restage(0)
         if self.generation is not None:
             placed = [self.key(group) for group in self.placed]
@@ -211,30 +218,62 @@ class PutSession:
                 f"together holds ({tiers} bytes)"
             )
 
+    def peak_staging(self) -> int:
+        """The most raw bytes a new write in layer order stages at once: its largest
+        group's layers waiting for the group to complete, plus the layers queued for
+        the encoder (all its layers when fewer), at most the device budget."""
+        largest = max(len(group.layers) for group in self.groups)
+        layers = min(self.shape[0], largest + MAX_QUEUED_LAYERS)
+        return min(layers * self.layer_bytes, self.store.device.budget_bytes)
+
+    async def _reserve(self) -> None:
+        peak = self.peak_staging()
+        if not await self.store.reserve_staging(peak, STAGING_WAIT_S):
+            budget = self.store.device.budget_bytes
+            raise UnavailableError(
+                f"puts in progress stage {self.store.staged_bytes} bytes of the {budget} "
+                f"this server allows for them, and this put's {peak} did not fit within "
+                f"{STAGING_WAIT_S:g} s; retry shortly"
+            )
+        self.reserved = peak
+
+    def _end_reservation(self) -> None:
+        """From now on only what this put stages counts; the rest of its reservation
+        goes to the writes waiting for it."""
+        if self.reserved > self.staged:
+            self.store.staged_bytes -= self.reserved - self.staged
+            self.store.staging_released()
+        self.reserved = 0
+
     def _fits(self, staged: int) -> bool:
         """Whether this put could stage `staged` bytes now without a refusal."""
         budget = self.store.device.budget_bytes
-        return staged <= budget and self.store.staged_bytes - self.staged + staged <= budget
+        held, wanted = max(self.staged, self.reserved), max(staged, self.reserved)
+        return wanted <= budget and self.store.staged_bytes - held + wanted <= budget
 
     def _restage(self, staged: int) -> None:
         """Hold `staged` bytes of staging: at most the device budget for this put, and
-        for every put in progress together (beyond that a retry can help)."""
+        for every put in progress together (beyond that a retry can help). What the put
+        reserved counts whatever it stages below that."""
         store = self.store
         budget = store.device.budget_bytes
-        others = store.staged_bytes - self.staged
-        if staged > self.staged:
-            if staged > budget:
+        held, wanted = max(self.staged, self.reserved), max(staged, self.reserved)
+        others = store.staged_bytes - held
+        if wanted > held:
+            if wanted > budget:
                 raise ResourceExhaustedError(
                     f"this put stages {staged} bytes as it streams, more than the device "
                     f"budget of {budget} bytes: the sequence does not fit this server"
                 )
-            if others + staged > budget:
+            if others + wanted > budget:
                 raise UnavailableError(
                     f"puts in progress stage {others} bytes of the {budget} this server "
                     "allows for them; retry shortly"
                 )
-        store.staged_bytes = others + staged
+        store.staged_bytes = others + wanted
         self.staged = staged
+        if wanted < held:
+            store.staging_released()
 
     def _staging(self) -> int:
         """The raw layers this put holds now: being assembled, waiting for a merge
@@ -280,7 +319,10 @@ class PutSession:
             )
         if chunk.layer < self.shape[0] and chunk.layer not in self.assembler.filled:
             # A new layer: its room is taken before its bytes are copied (after the
-            # encoder caught up, if the layers it still holds leave no room).
+            # encoder caught up, if the layers it still holds leave no room; a new
+            # write's first layer waits for the staging it reserves).
+            if self.encoder is not None and not self.assembler.filled and not self.reserved:
+                await self._reserve()
             if self.queued and not self._fits(self.staged + self.layer_bytes):
                 await self.encoded()
             self._restage(self.staged + self.layer_bytes)
@@ -345,6 +387,7 @@ class PutSession:
             self.placed[group] = size
 
     async def commit(self) -> StoredSequence:
+        self._end_reservation()  # every layer arrived: only what it still holds counts
         await self.encoded()
         missing = self.assembler.missing_layers()
         if missing:
