@@ -33,6 +33,7 @@ from minicache_client.protocol import MAX_POLICY_BYTES, sequence_ref
 from minicache_client.serving.logs import JsonFormatter
 from minicache_client.serving.rpc_methods import MAX_DETAILS_BYTES
 from minicache_client.wire import LayerAssembler, layer_chunks
+from minicache_server.service import servicer
 
 TIMEOUT = 10
 SERVICE = "/minicache.v1.CacheService/"
@@ -508,6 +509,23 @@ def wait_for(condition: Callable[[], bool], what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"not within {TIMEOUT} s: {what}"
         time.sleep(0.02)
+
+
+def test_put_that_stops_sending_is_ended_and_frees_its_staging(
+    hostile: Target, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that keeps a put open and sends nothing more does not hold its staging
+    (and a new write's reservation, which other writes wait for) for ever."""
+    monkeypatch.setattr(servicer, "PUT_IDLE_S", 0.5)
+    messages = put_messages("stalled-put", kv_layers(LAYERS, 4096, HEADS, DIM, seed=9))
+    released = threading.Event()
+    future = held_open_put(hostile, messages[:2], released)  # the header, one chunk
+    try:
+        refused(lambda: future.result(timeout=TIMEOUT), C.DEADLINE_EXCEEDED, "sent nothing")
+    finally:
+        released.set()
+    wait_for(lambda: hostile.server.store.staged_bytes == 0, "the put's staging released")
+    wait_for(lambda: not hostile.server.store.pending, "the put's generation released")
 
 
 def test_put_cancelled_mid_stream_is_counted_as_cancelled(hostile: Target) -> None:

@@ -12,12 +12,19 @@ requests INVALID_ARGUMENT, counts cancellations and answers anything else INTERN
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
-from minicache_client.errors import CacheError, FailedPreconditionError, InvalidArgumentError
+from minicache_client.errors import (
+    CacheError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+)
 from minicache_client.proto import cache_service_pb2 as pb
 from minicache_client.proto import cache_service_pb2_grpc as pb_grpc
 from minicache_client.serving.auth import TokenAuth
@@ -32,6 +39,25 @@ log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["CacheService"]
 EMPTY_PUT_REQUEST = "empty PutRequest (neither header nor chunk)"
+# A streamed put that sends nothing for this long is ended: it holds staging (and a
+# new write's reservation) that other writes wait for.
+PUT_IDLE_S = 60.0
+
+
+async def _arriving(requests: AsyncIterator[Any], idle_s: float) -> AsyncIterator[Any]:
+    """The rest of a client stream; DeadlineExceededError when `idle_s` pass without a
+    message."""
+    while True:
+        try:
+            async with asyncio.timeout(idle_s):
+                request = await anext(requests, None)
+        except TimeoutError:
+            raise DeadlineExceededError(
+                f"the put sent nothing for {idle_s:g} s and was ended; write it again"
+            ) from None
+        if request is None:
+            return
+        yield request
 
 
 class CacheServicer(pb_grpc.CacheServiceServicer):
@@ -55,7 +81,7 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
         header = messages.sequence_header(first.header)
         await self.store.load_artifacts(tenant, header)
         with self.store.begin_put(tenant, header) as session:
-            async for request in requests:
+            async for request in _arriving(requests, PUT_IDLE_S):
                 item = request.WhichOneof("item")
                 if item == "chunk":
                     await session.add_chunk(messages.layer_chunk(request.chunk))
