@@ -85,3 +85,28 @@ def test_concurrent_puts_wait_for_staging_instead_of_being_refused(
     requests = server.store.metrics.requests
     assert requests.value(method="Put", code="OK") == 6
     assert requests.value(method="Put", code="UNAVAILABLE") == 0
+
+
+def test_extensions_queue_for_staging_too(make_server, redis_process) -> None:
+    # Room to stage one extension at a time: each holds all its raw layers until it
+    # commits, so the others wait for it instead of being refused.
+    extension_tokens = 256
+    extension_bytes = LAYERS * 2 * HEADS * extension_tokens * DIM * 2
+    server = make_server(
+        device_budget_bytes=extension_bytes + extension_bytes // 2, redis_url=redis_process.url
+    )
+    config = ClientConfig(target=server.address, insecure=True, timeout_s=60)
+
+    def extend(index: int) -> int:
+        with CacheClient(config) as client:
+            prefix = kv_layers(LAYERS, 64, HEADS, DIM, seed=index)
+            client.put("m", f"e{index}", prefix, dtype="float16", policy="kivi4")
+            more = kv_layers(LAYERS, extension_tokens, HEADS, DIM, seed=100 + index)
+            client.put("m", f"e{index}", more, dtype="float16", start_token=64)
+            return client.lookup("m", f"e{index}").tokens
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        held = list(pool.map(extend, range(6)))
+    assert held == [64 + extension_tokens] * 6
+    assert server.store.staged_bytes == 0
+    assert server.store.metrics.requests.value(method="Put", code="UNAVAILABLE") == 0

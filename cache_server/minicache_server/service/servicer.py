@@ -104,7 +104,7 @@ class CacheServicer(pb_grpc.CacheServiceServicer):
             )
         header = messages.sequence_header(request.header)
         await self.store.load_artifacts(tenant, header)
-        with self.store.begin_put(tenant, header) as session:
+        with self.store.begin_put(tenant, header, streamed=False) as session:
             for chunk in request.layers:
                 await session.add_chunk(messages.layer_chunk(chunk))
             sequence = await session.commit()

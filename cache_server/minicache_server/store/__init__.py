@@ -3,7 +3,7 @@
 Primitives (called by the gRPC servicer, one per RPC, with the protobuf-free types of
 `minicache_server.domain`; the servicer converts the messages):
 
-- `begin_put(tenant, header) -> PutSession`, then, inside `with session:`,
+- `begin_put(tenant, header, streamed) -> PutSession`, then, inside `with session:`,
   `PutSession.add_chunk(chunk)` per chunk and `PutSession.commit()`: a write from token 0
   (new, or replacing) or from the tokens held (an extension). Layers are encoded as they
   complete (a merged pair as soon as both layers are in, raw layers dropped) and each
@@ -11,7 +11,8 @@ Primitives (called by the gRPC servicer, one per RPC, with the protobuf-free typ
   failed or cancelled put leaves the sequence as it was. A header that declares more
   than every tier together can hold is refused at once, with the reason. A committed
   write sets the sequence's tag (opaque bytes, a label of its content) to the header's,
-  empty clearing it; `lookup` returns it.
+  empty clearing it; `lookup` returns it. A streamed put first waits its turn for the
+  staging it needs (`reserve_staging`); an Append (`streamed=False`) takes what is free.
 - `load_artifacts(tenant, header)`: before `begin_put`, read the calibration artifact
   the write's transform policy needs on a thread (`minicache_server.artifacts`); a
   policy whose artifact the server lacks or holds corrupt is refused by `begin_put`

@@ -148,8 +148,8 @@ class SequenceStore:
 
     # -- the servicer's calls ---------------------------------------------------------
 
-    def begin_put(self, tenant: str, header: SequenceHeader) -> PutSession:
-        return PutSession(self, tenant, header)
+    def begin_put(self, tenant: str, header: SequenceHeader, streamed: bool = True) -> PutSession:
+        return PutSession(self, tenant, header, streamed)
 
     def prefetch(
         self, tenant: str, query: PrefetchQuery

@@ -10,9 +10,10 @@ its entries). What a put holds in memory while it streams is its raw layers (bei
 assembled, waiting for the encoder or for a merge partner): its staging, bounded by the
 device budget for each put and for all puts in progress together; a put waits for its
 encoder rather than be refused for what the encoder still holds. Before its first layer,
-a new write reserves the staging it will need at most (`peak_staging`), waiting behind
-the writes that came first for up to `STAGING_WAIT_S`: under load, writes queue for the
-staging instead of taking it from each other and being refused mid-stream. A write that
+a streamed put reserves the staging it will need at most (`peak_staging`), waiting
+behind the puts that came first for up to `STAGING_WAIT_S`: under load, puts queue for
+the staging instead of taking it from each other and being refused mid-stream (an
+Append, whose bytes arrived in one message, takes what is free). A write that
 fails or is cancelled leaves the sequence as it was; the entries it placed are deleted.
 
 An extension (from the tokens held) keeps its raw tokens until the commit, then
@@ -104,7 +105,9 @@ def _tensor_errors() -> Iterator[None]:
 class PutSession:
     """One write in progress (see the module docstring)."""
 
-    def __init__(self, store: SequenceStore, tenant: str, header: SequenceHeader) -> None:
+    def __init__(
+        self, store: SequenceStore, tenant: str, header: SequenceHeader, streamed: bool = True
+    ) -> None:
         self.store = store
         self.tenant = tenant
         self.model_id = header.sequence.model_id
@@ -138,7 +141,10 @@ class PutSession:
             2 * header.kv_heads * (self.end - self.start) * header.head_dim
         ) * CARRIER_DTYPES[self.dtype].itemsize
         self.staged = 0
-        self.reserved = 0  # a new write's staging reserved before its first layer
+        # A streamed put reserves its staging before its first layer (an Append's
+        # bytes are in memory already, in its one message: it takes what is free).
+        self.queues = streamed
+        self.reserved = 0
         self.existing = store.sequences.get((tenant, self.model_id, self.sequence_id))
         if self.start == 0:
             self.policy = store.resolve_policy(header.policy, ModelShape(*self.shape))
@@ -219,9 +225,12 @@ class PutSession:
             )
 
     def peak_staging(self) -> int:
-        """The most raw bytes a new write in layer order stages at once: its largest
-        group's layers waiting for the group to complete, plus the layers queued for
-        the encoder (all its layers when fewer), at most the device budget."""
+        """The most raw bytes this put stages at once when its layers come in order: a
+        new write, its largest group's layers waiting for the group to complete plus
+        the layers queued for the encoder (all its layers when fewer), at most the
+        device budget; an extension, all its layers (held until the commit)."""
+        if self.encoder is None:
+            return self.shape[0] * self.layer_bytes
         largest = max(len(group.layers) for group in self.groups)
         layers = min(self.shape[0], largest + MAX_QUEUED_LAYERS)
         return min(layers * self.layer_bytes, self.store.device.budget_bytes)
@@ -319,9 +328,9 @@ class PutSession:
             )
         if chunk.layer < self.shape[0] and chunk.layer not in self.assembler.filled:
             # A new layer: its room is taken before its bytes are copied (after the
-            # encoder caught up, if the layers it still holds leave no room; a new
-            # write's first layer waits for the staging it reserves).
-            if self.encoder is not None and not self.assembler.filled and not self.reserved:
+            # encoder caught up, if the layers it still holds leave no room; a streamed
+            # put's first layer waits for the staging it reserves).
+            if self.queues and not self.assembler.filled and not self.reserved:
                 await self._reserve()
             if self.queued and not self._fits(self.staged + self.layer_bytes):
                 await self.encoded()
