@@ -1,7 +1,7 @@
-"""New writes queue for the staging of puts in progress (bounded by the device budget)
-instead of being refused UNAVAILABLE: a write reserves the staging it needs at most
-before its first layer, first come first served, and is refused only when it waited
-`STAGING_WAIT_S` without room.
+"""Streamed puts (new writes and extensions) queue for the staging of puts in progress
+(bounded by the device budget) instead of being refused UNAVAILABLE: a put reserves the
+staging it needs at most before its first layer, first come first served, and is
+refused only when it waited `STAGING_WAIT_S` without room.
 
 Real server, real gRPC over loopback, Redis for what overflows the small device."""
 

@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["CacheService"]
 EMPTY_PUT_REQUEST = "empty PutRequest (neither header nor chunk)"
-# A streamed put that sends nothing for this long is ended: it holds staging (and a
-# new write's reservation) that other writes wait for.
+# A streamed put that sends nothing for this long is ended: it holds staging (and its
+# reservation) that other puts wait for.
 PUT_IDLE_S = 60.0
 
 

@@ -68,7 +68,7 @@ class SequenceStore:
         self.limits = limits
         self.default_policy = default_policy
         self.sequences: dict[tuple[str, str, str], StoredSequence] = {}
-        # Bytes held by puts in progress (`PutSession._restage`), and the new writes
+        # Bytes held by puts in progress (`PutSession._restage`), and the streamed puts
         # waiting for room to stage (`reserve_staging`), first come first served.
         self.staged_bytes = 0
         self._staging_waiters: collections.deque[tuple[int, asyncio.Future]] = collections.deque()

@@ -84,7 +84,7 @@ def room_error(exc: NoRoomError | TierUnavailableError, what: str) -> CacheError
 
 # Layers of a put that may wait for the encoder while the next chunks are read.
 MAX_QUEUED_LAYERS = 2
-# How long a new write waits for its staging before it is refused UNAVAILABLE.
+# How long a streamed put waits for its staging before it is refused UNAVAILABLE.
 STAGING_WAIT_S = 30.0
 
 
