@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from minicache_client.channel import ChannelClient, ClientConfig
+from minicache_client.channel import SERVICE_NAME, ChannelClient, ClientConfig
 from minicache_client.errors import CacheError, FailedPreconditionError, error_from_rpc
 from minicache_client.proto import cache_service_pb2 as pb
 from minicache_client.proto import cache_service_pb2_grpc
@@ -212,7 +212,7 @@ class CacheClient(ChannelClient):
         self._stub = cache_service_pb2_grpc.CacheServiceStub(self._channel)
         # Put with requests serialized by `put_requests` (one copy of the KV each).
         self._put_serialized = self._channel.stream_unary(
-            f"/{pb.DESCRIPTOR.services_by_name['CacheService'].full_name}/Put",
+            f"/{SERVICE_NAME}/Put",
             request_serializer=None,
             response_deserializer=pb.PutResponse.FromString,
         )

@@ -28,14 +28,13 @@ from grpc_reflection.v1alpha import reflection
 
 from minicache_client.errors import CacheError, clipped
 from minicache_client.policy import CompressionPolicy, load_policy
-from minicache_client.proto import cache_service_pb2 as pb
 from minicache_client.serving.auth import AuthInterceptor, TokenAuth
 from minicache_client.serving.metrics import serve_metrics
 from minicache_client.serving.settings import SettingsError, split_address
 from minicache_client.serving.tls import server_credentials
 from minicache_server import artifacts
 from minicache_server.metrics import CacheMetrics
-from minicache_server.service.servicer import add_cache_service
+from minicache_server.service.servicer import SERVICE, add_cache_service
 from minicache_server.settings import ServerSettings
 from minicache_server.store import Limits, SequenceStore
 from minicache_server.tiers.base import StorageTier
@@ -46,7 +45,7 @@ from minicache_server.tiers.redis_tier import RedisTier
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CacheService"].full_name
+SERVICE_NAME = SERVICE.full_name
 
 
 def array_module(device: str) -> ModuleType:
