@@ -197,12 +197,11 @@ class SequenceStore:
         """Count `nbytes` more as staged once they fit the staging budget (the device
         budget), after the writes that asked before: True; False when `wait_s` passed
         first. A caller cancelled while it waits takes nothing."""
-        budget = self.device.budget_bytes
-        if not self._staging_waiters and self.staged_bytes + nbytes <= budget:
-            self.staged_bytes += nbytes
-            return True
         waiter = (nbytes, asyncio.get_running_loop().create_future())
         self._staging_waiters.append(waiter)
+        self.staging_released()  # granted at once when it fits and no one is ahead
+        if waiter[1].done():
+            return True
         try:
             async with asyncio.timeout(wait_s):
                 await waiter[1]
