@@ -285,11 +285,11 @@ class TurnGenerator:
         is not written again."""
         restored = min(held, len(tokens) - 1)
         if restored:
+            # The input held whole: its last token's forward writes nothing.
+            whole = restored < held
             feed = self._feed(request.session_id, restored)
-            if restored < held:
-                cache = ServiceCache(self.lm.num_layers, feed, None)
-            else:
-                cache = ServiceCache(self.lm.num_layers, feed, writer)
+            cache = ServiceCache(self.lm.num_layers, feed, None if whole else writer)
+            if not whole:
                 writer.start_put(held, len(tokens) - held, token_digest(tokens))
             try:
                 logits = self._forward(cache, tokens[restored:])
@@ -298,7 +298,7 @@ class TurnGenerator:
                 writer.abort_put()
                 self._recompute(summary, recompute_reason(exc), exc)
             else:
-                if restored < held:
+                if whole:
                     writer.already_held(held)
                     cache.writer = writer
                 else:
