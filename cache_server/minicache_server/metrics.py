@@ -1,8 +1,9 @@
 """Prometheus metrics of the cache server: requests and their latency, hits and misses
 by tier, evictions, promotions and corrupt entries (`CacheMetrics`, counted as they
 happen), and what the store holds (`StoreTotals`: bytes by tier, named by the tiers, the device budget,
-fp16 bytes, compression ratio, sequences, whether Redis answers), computed from the
-store when Prometheus scrapes.
+staging held by puts in progress and the puts waiting for it, fp16 bytes, compression
+ratio, sequences, whether Redis answers), computed from the store when Prometheus
+scrapes.
 
 The metric types and the HTTP endpoint are prometheus-client's, through the wrappers
 the worker uses too (`minicache_client.serving.metrics`).
@@ -83,6 +84,16 @@ class StoreTotals(Collector):
             "minicache_device_budget_bytes",
             "Byte budget of the device tier",
             value=chain.device.budget_bytes,
+        )
+        yield GaugeMetricFamily(
+            "minicache_staging_bytes",
+            "Bytes of the staging budget held by puts in progress, reserved or staged",
+            value=store.staged_bytes,
+        )
+        yield GaugeMetricFamily(
+            "minicache_staging_waiting",
+            "Streamed puts waiting for room to stage",
+            value=store.staging_waiting,
         )
         yield GaugeMetricFamily(
             "minicache_fp16_bytes",

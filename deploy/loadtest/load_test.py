@@ -1316,7 +1316,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--plots", default="", help="write the report's plots (PNG) to this directory")
     add("--plot-dpi", type=int, default=100)
     add("--bucket-s", type=float, default=5.0, help="throughput over time: bucket seconds")
-    add("--sample-interval-s", type=float, default=5.0, help="seconds between metrics scrapes")
+    add(
+        "--sample-interval-s",
+        type=float,
+        default=1.0,
+        help="seconds between metrics scrapes (each 60 s memory window averages its samples)",
+    )
     add("--warmup-s", type=float, default=-1.0, help="memory drift after this (-1: a fifth)")
     add("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)

@@ -31,12 +31,14 @@ from prometheus_client.parser import text_string_to_metric_families
 SCRAPED_FAMILIES: dict[str, str | None] = {
     "process_resident_memory_bytes": None,
     "minicache_tier_bytes": "tier",
+    "minicache_staging_bytes": None,
     "minicache_hits": "tier",
     "minicache_misses": "reason",
 }
 SERIES_NAMES = {
     "process_resident_memory_bytes": "rss_bytes",
     "minicache_tier_bytes": "tier_bytes",
+    "minicache_staging_bytes": "staging_bytes",
     "minicache_hits": "hits",
     "minicache_misses": "misses",
 }

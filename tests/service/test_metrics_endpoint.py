@@ -29,6 +29,8 @@ COUNTERS = (
 GAUGES = (
     "minicache_tier_bytes",
     "minicache_device_budget_bytes",
+    "minicache_staging_bytes",
+    "minicache_staging_waiting",
     "minicache_fp16_bytes",
     "minicache_compression_ratio",
     "minicache_sequences",
@@ -110,6 +112,9 @@ def test_requests_move_the_counters_and_totals_match_stats(metered) -> None:
     assert after.value("minicache_fp16_bytes") == stats.fp16_bytes == put.fp16_bytes
     assert math.isclose(after.value("minicache_compression_ratio"), stats.compression_ratio)
     assert after.value("minicache_device_budget_bytes") == stats.device_budget_bytes
+    # The put ended: its staging was given back, and no put waits for any.
+    assert after.value("minicache_staging_bytes") == server.store.staged_bytes == 0
+    assert after.value("minicache_staging_waiting") == 0
 
     assert client.delete("m", "s")
     emptied = Scrape(server.server.metrics_port)

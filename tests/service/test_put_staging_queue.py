@@ -40,11 +40,11 @@ def test_reservations_are_granted_in_order_and_a_timeout_or_cancel_takes_nothing
         # 50 bytes would fit now, but the big write asked first.
         small = asyncio.create_task(reserve("small", 50))
         await asyncio.sleep(0.05)
-        assert granted == []
+        assert granted == [] and store.staging_waiting == 2  # the metrics' gauge
         store.staged_bytes -= budget - 100  # the first write ends
         store.staging_released()
         await asyncio.gather(big, small)
-        assert granted == ["big", "small"]
+        assert granted == ["big", "small"] and store.staging_waiting == 0
         assert store.staged_bytes == budget // 2 + 50
 
         assert not await store.reserve_staging(budget, 0.05)  # no room in time

@@ -6,6 +6,9 @@ array by array and bit by bit."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -86,3 +89,23 @@ def test_a_restore_beyond_float16_falls_back_to_the_array_path():
     out = np.empty((4, 32), np.uint16)
     kernel = kivi_kernels.dequantize_kernel(4, 32, kivi_kernels.CARRIERS["float16"][0])
     assert kernel(compiled.codes[0], np.arange(4), scale, center, out) is False
+
+
+def test_numba_loads_with_the_first_kivi_stream():
+    """A process that never runs a KIVI stream (a server on the `default` transform
+    policy) does not load Numba and its LLVM; the first KIVI encode does."""
+    script = """
+import sys
+import subprocess
+import sys
+
+import numpy as np
+import minicache_server.main
+from minicache_client.codecs.kivi import KiviStream
+assert "numba" not in sys.modules, "numba loaded at import"
+stream = KiviStream(kv_heads=1, head_dim=64, dtype="float16")
+stream.append([np.ones((1, 300, 64), np.float16)])
+stream.seal()
+assert "numba" in sys.modules, "the KIVI stream did not load its kernels"
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)

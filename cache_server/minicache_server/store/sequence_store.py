@@ -216,6 +216,12 @@ class SequenceStore:
             raise
         return True
 
+    @property
+    def staging_waiting(self) -> int:
+        """How many streamed puts wait for room to stage (read by metrics scrapes on
+        their own thread: the queue is copied first)."""
+        return sum(not future.done() for _, future in list(self._staging_waiters))
+
     def staging_released(self) -> None:
         """Staging was given back: let in the waiting writes that now fit, in order."""
         budget = self.device.budget_bytes

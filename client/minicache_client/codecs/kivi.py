@@ -18,13 +18,17 @@ the decoder reproduces exactly what the encoder intended.
 
 The code here is array code (NumPy or CuPy). On NumPy, streams the compiled kernels
 cover (`kivi_kernels.usable`: 2-, 4- and 8-bit codes, rows without padding) encode and
-restore through them instead, with the same results bit for bit.
+restore through them instead, with the same results bit for bit. They are imported on
+first use (`compiled_kernels`), so Numba and its LLVM (about 34 MiB resident) load only
+into a process that runs a KIVI stream.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, ClassVar
 
 import numpy as np
@@ -44,10 +48,17 @@ from minicache_client.bit_packing import (
 )
 from minicache_client.codecs.base import Codec, check_stored, concat_tokens, extend_tokens
 
-try:
-    from minicache_client.codecs import kivi_kernels
-except ImportError:  # Numba is a dependency; where it is missing, the array path runs
-    kivi_kernels = None
+
+@functools.cache
+def compiled_kernels() -> ModuleType | None:
+    """The module of KIVI's compiled kernels, imported the first time a stream asks;
+    None where Numba is missing (it is a dependency; without it the array path runs)."""
+    try:
+        from minicache_client.codecs import kivi_kernels
+    except ImportError:
+        return None
+    return kivi_kernels
+
 
 MODES = ("per_channel", "per_token")
 
@@ -117,8 +128,9 @@ def quantize_blocks_compiled(
 ):
     """`quantize_blocks` by the compiled kernels, straight from the carrier of `dtype`
     (when `kivi_kernels.usable`): the same codes and statistics."""
+    kernels = compiled_kernels()
     heads, count, dim = tokens.shape
-    kind, carrier = kivi_kernels.carrier_bits(tokens, dtype)
+    kind, carrier = kernels.carrier_bits(tokens, dtype)
     codes = np.empty((heads, count, row_bytes(dim, bits)), np.uint8)
     per_channel = mode == "per_channel"
     if per_channel:  # rows of tokens, statistics per block of rows and channel
@@ -135,11 +147,11 @@ def quantize_blocks_compiled(
 
     low = np.empty(stats_shape, np.float32)
     high = np.empty_like(low)
-    extremes = kivi_kernels.extremes_kernel(kind, columns, block)
+    extremes = kernels.extremes_kernel(kind, columns, block)
     for head in range(heads):
         extremes(carrier[head].reshape(rows, -1), statistic(low[head]), statistic(high[head]))
     scale, center, center32, step = _statistics(low, high, bits)
-    quantize = kivi_kernels.quantize_kernel(bits, columns, kind)
+    quantize = kernels.quantize_kernel(bits, columns, kind)
     for head in range(heads):
         quantize(
             carrier[head].reshape(rows, -1),
@@ -294,9 +306,8 @@ class KiviStream(Codec):
 
     def _compiled(self, xp: Any) -> bool:
         """Whether the compiled kernels encode and restore this stream."""
-        return kivi_kernels is not None and kivi_kernels.usable(
-            xp, self.bits, self.head_dim, self._columns()
-        )
+        kernels = compiled_kernels()
+        return kernels is not None and kernels.usable(xp, self.bits, self.head_dim, self._columns())
 
     def _columns(self) -> int:
         """Channels per statistic: 1 per channel, the group size per token."""
@@ -307,8 +318,9 @@ class KiviStream(Codec):
         scale, center, rows = self._statistic_rows(start, end)
         scale, center = scale.astype(np.float32), center.astype(np.float32)
         columns = self._columns()
-        kind, target = kivi_kernels.carrier_bits(out, dtype)
-        dequantize = kivi_kernels.dequantize_kernel(self.bits, columns, kind)
+        kernels = compiled_kernels()
+        kind, target = kernels.carrier_bits(out, dtype)
+        dequantize = kernels.dequantize_kernel(self.bits, columns, kind)
         # Per token the kernel reads flat groups: reshapes of one head's rows (views
         # of `out`, whose heads are each contiguous).
         shape = (-1, columns) if columns > 1 else (-1, self.head_dim)
