@@ -1315,6 +1315,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--json", default="", help="write the full report (JSON) to this file")
     add("--plots", default="", help="write the report's plots (PNG) to this directory")
     add("--plot-dpi", type=int, default=100)
+    add("--replot", default="", help="only write --plots again from this JSON report")
     add("--bucket-s", type=float, default=5.0, help="throughput over time: bucket seconds")
     add(
         "--sample-interval-s",
@@ -1325,6 +1326,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--warmup-s", type=float, default=-1.0, help="memory drift after this (-1: a fifth)")
     add("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if args.replot:
+        if not args.plots:
+            parser.error("--replot needs --plots")
+        return args
     if args.cluster:
         apply_cluster(args)
     if not args.targets:
@@ -1546,6 +1551,11 @@ def worker_figures(recorder: Recorder) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        report = json.loads(Path(args.replot).read_text())
+        paths = reporting.write_plots(report, args.plots, args.plot_dpi)
+        print(f"plots: {', '.join(str(path) for path in paths)}")
+        return 0
     try:
         report = run(args)
     except NotServingError as exc:

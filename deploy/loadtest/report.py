@@ -205,7 +205,8 @@ def memory_drift(
     - samples: the first and last, min and max, `change_pct` (last against first) and
       `range_pct` ((max - min) / first). A sample includes the buffers of the requests
       in flight at that moment, so these swing with the load;
-    - `window_means_mib`: the mean of each whole `window_s` window, and
+    - `window_means_mib`: the mean of each whole `window_s` window (starting at
+      `window_starts_s`; a window without a sample is left out), and
       `window_drift_pct`: (largest - smallest window mean) / first window mean. "Flat
       within 5 %" is `window_drift_pct` at most 5: what the server holds does not grow
       from one window to the next;
@@ -224,7 +225,8 @@ def memory_drift(
         end = min(until_s, float(times[-1]))
         edges = np.arange(warmup_s, end - window_s + 1e-9, window_s)
         windows = [(times >= edge) & (times < edge + window_s) for edge in edges]
-        means = [float(after[window].mean()) / 2**20 for window in windows if window.any()]
+        kept = [(edge, window) for edge, window in zip(edges, windows, strict=True) if window.any()]
+        means = [float(after[window].mean()) / 2**20 for _, window in kept]
         slope = float(np.polyfit(times, after, 1)[0])
         drift[name] = {
             "warmup_s": warmup_s,
@@ -237,6 +239,7 @@ def memory_drift(
             "change_pct": 100.0 * (float(after[-1]) - first) / first,
             "range_pct": 100.0 * (float(after.max()) - float(after.min())) / first,
             "window_s": window_s,
+            "window_starts_s": [float(edge) for edge, _ in kept],
             "window_means_mib": means,
             "window_drift_pct": (
                 100.0 * (max(means) - min(means)) / means[0] if len(means) >= 2 else None
@@ -280,8 +283,10 @@ def line_plot(
     xlabel: str = "seconds since start",
     dpi: int = 100,
     stacked: bool = False,
+    styles: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
-    """One PNG of named (x, y) lines (stacked areas when `stacked`)."""
+    """One PNG of named (x, y) lines (stacked areas when `stacked`); `styles`: extra
+    matplotlib settings of some lines, by name."""
     plt = pyplot()
     figure, axes = plt.subplots(figsize=(8, 4))
     try:
@@ -292,7 +297,7 @@ def line_plot(
             )
         else:
             for label, (x, y) in lines.items():
-                axes.plot(x, y, label=label, linewidth=1.2)
+                axes.plot(x, y, label=label, **{"linewidth": 1.2, **(styles or {}).get(label, {})})
         axes.set_title(title)
         axes.set_xlabel(xlabel)
         axes.set_ylabel(ylabel)
@@ -348,6 +353,23 @@ def bar_plot(
 def mebibytes(values: Sequence[float | None]) -> list[float]:
     """Bytes as MiB; a missing sample (None) as NaN, a gap in the line."""
     return [math.nan if value is None else value / 2**20 for value in values]
+
+
+def window_steps(drift: Mapping[str, Any]) -> tuple[list[float], list[float]]:
+    """A `memory_drift` entry's window means as horizontal steps (x, y), each window
+    its own segment. Reports written before `window_starts_s` existed had no empty
+    window: their windows follow each other from the warm-up."""
+    width = drift["window_s"]
+    means = drift["window_means_mib"]
+    starts = drift.get("window_starts_s") or [
+        drift["warmup_s"] + index * width for index in range(len(means))
+    ]
+    x: list[float] = []
+    y: list[float] = []
+    for start, mean in zip(starts, means, strict=True):
+        x += [start, start + width, math.nan]
+        y += [mean, mean, math.nan]
+    return x, y
 
 
 def _per_second(timeline_: Mapping[str, Any]) -> dict[str, tuple[list[float], list[float]]]:
@@ -408,11 +430,19 @@ def write_plots(report: Mapping[str, Any], directory: str | Path, dpi: int = 100
     servers = report.get("servers") or {}
     tier_lines = {}
     memory_lines = {}
-    for name, server in servers.items():
+    memory_styles: dict[str, dict[str, Any]] = {}
+    for index, (name, server) in enumerate(servers.items()):
         for tier, values in (server.get("tier_bytes") or {}).items():
             tier_lines[f"{name} {tier}"] = (server["t"], mebibytes(values))
         if server.get("rss_bytes"):
+            # Each server's samples thin and light, its window means bold, in one colour.
             memory_lines[name] = (server["t"], mebibytes(server["rss_bytes"]))
+            memory_styles[name] = {"color": f"C{index}", "alpha": 0.45, "linewidth": 0.8}
+            drift = (report.get("memory") or {}).get(name) or {}
+            if drift.get("window_means_mib"):
+                means = f"{name}, {drift['window_s']:.0f} s means"
+                memory_lines[means] = window_steps(drift)
+                memory_styles[means] = {"color": f"C{index}", "linewidth": 2.5}
     written.append(
         line_plot(out / "tier_bytes.png", "Stored bytes by tier", "MiB", tier_lines, dpi=dpi)
     )
@@ -426,7 +456,14 @@ def write_plots(report: Mapping[str, Any], directory: str | Path, dpi: int = 100
         errors.setdefault("WRONG_TENSOR", {})["prefetch"] = report["wrong_tensors"]
     written.append(bar_plot(out / "errors.png", "Errors by status code", "count", errors, dpi=dpi))
     written.append(
-        line_plot(out / "server_memory.png", "Server resident memory", "MiB", memory_lines, dpi=dpi)
+        line_plot(
+            out / "server_memory.png",
+            "Server resident memory",
+            "MiB",
+            memory_lines,
+            dpi=dpi,
+            styles=memory_styles,
+        )
     )
     workers = report.get("workers")
     if workers and workers.get("ttft_ms"):

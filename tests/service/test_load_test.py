@@ -125,6 +125,8 @@ def test_report_counts_operations_tiers_and_writes_plots(overflowing_server, tmp
     assert len(series["t"]) >= 3 and series["scrape_errors"] == 0
     assert all(value > 0 for value in series["rss_bytes"])
     assert {"host", "redis"} <= set(series["tier_bytes"])
+    assert len(series["staging_bytes"]) == len(series["t"])  # the staging gauge
+    assert series["staging_bytes"][-1] == 0  # scraped after the last put ended
     assert max(series["tier_bytes"]["redis"]) > 0  # the small budget overflowed
     assert sum(report["server_hits"]["by_tier"].values()) > 0
     assert sum(report["server_hit_rate"].values()) == pytest.approx(1)
@@ -133,6 +135,10 @@ def test_report_counts_operations_tiers_and_writes_plots(overflowing_server, tmp
         path = plots / f"{name}.png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert matplotlib.image.imread(path).shape[0] > 100
+    # The same plots again from the JSON report alone.
+    again = tmp_path / "again"
+    assert load_test.main(["--replot", str(report_path), "--plots", str(again)]) == 0
+    assert sorted(path.name for path in again.iterdir()) == sorted(f"{n}.png" for n in PLOTS)
 
 
 def test_a_wrong_expectation_is_reported_as_wrong_tensors(overflowing_server, tmp_path) -> None:
@@ -195,6 +201,10 @@ def test_memory_drift_tells_load_swings_from_growth() -> None:
     )
     flat, leak = drift["flat"], drift["leak"]
     assert len(flat["window_means_mib"]) == len(leak["window_means_mib"]) == 7  # whole windows
+    assert flat["window_starts_s"] == [120.0 + 60.0 * index for index in range(7)]
+    x, y = report.window_steps(flat)
+    assert x[:2] == [120.0, 180.0] and x[3:5] == [180.0, 240.0] and np.isnan(x[2])
+    assert y[0] == y[1] == flat["window_means_mib"][0]
     assert flat["range_pct"] > 30  # single samples swing ...
     assert flat["window_drift_pct"] < 5 and abs(flat["trend_pct"]) < 5  # ... around a flat mean
     assert leak["window_drift_pct"] > 30 and leak["trend_pct"] > 30
