@@ -1157,12 +1157,20 @@ def server_figures(
         "servers": series,
         "server_hits": {"by_tier": hits, "misses_by_reason": misses},
         "server_hit_rate": shares,
-        "memory": reporting.memory_drift(
-            series,
-            warmup_s if warmup_s >= 0 else min(elapsed, duration_s or elapsed) / 5,
-            duration_s or math.inf,
-        ),
+        "memory": memory_figures(series, elapsed, warmup_s, duration_s),
     }
+
+
+def memory_figures(
+    series: dict[str, dict[str, Any]], elapsed: float, warmup_s: float, duration_s: float
+) -> dict[str, Any]:
+    """Each server's memory drift from the warm-up (`warmup_s`, or a fifth of the run
+    when negative) to the end of the offered load."""
+    return reporting.memory_drift(
+        series,
+        warmup_s if warmup_s >= 0 else min(elapsed, duration_s or elapsed) / 5,
+        duration_s or math.inf,
+    )
 
 
 def print_summary(report: dict[str, Any]) -> None:
@@ -1205,6 +1213,18 @@ def print_summary(report: dict[str, Any]) -> None:
                     f"time to first token, {kind}: {row['turns']} turns, p50 "
                     f"{row['p50_ms']:.0f} ms, p95 {row['p95_ms']:.0f} ms"
                 )
+    print_memory(report)
+    if report["errors"]:
+        print("\nerrors by status code:")
+        for error in report["errors"]:
+            print(
+                f"  {error['operation']} {error['code']}: {error['count']} (first: {error['first']})"
+            )
+    for example in report["wrong_tensor_examples"]:
+        print(f"  wrong tensor: {example}")
+
+
+def print_memory(report: dict[str, Any]) -> None:
     for name, drift in report.get("memory", {}).items():
         if "change_pct" in drift:
             print(
@@ -1219,14 +1239,6 @@ def print_summary(report: dict[str, Any]) -> None:
                     f"  means of {drift['window_s']:.0f} s windows {means} MiB: "
                     f"{drift['window_drift_pct']:.1f} % apart; trend {drift['trend_pct']:+.1f} %"
                 )
-    if report["errors"]:
-        print("\nerrors by status code:")
-        for error in report["errors"]:
-            print(
-                f"  {error['operation']} {error['code']}: {error['count']} (first: {error['first']})"
-            )
-    for example in report["wrong_tensor_examples"]:
-        print(f"  wrong tensor: {example}")
 
 
 # ---- command line ----
@@ -1315,7 +1327,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--json", default="", help="write the full report (JSON) to this file")
     add("--plots", default="", help="write the report's plots (PNG) to this directory")
     add("--plot-dpi", type=int, default=100)
-    add("--replot", default="", help="only write --plots again from this JSON report")
+    add(
+        "--replot",
+        default="",
+        help="only work out the memory figures again from this JSON report's samples, "
+        "print them and write --plots (and --json when set)",
+    )
     add("--bucket-s", type=float, default=5.0, help="throughput over time: bucket seconds")
     add(
         "--sample-interval-s",
@@ -1327,8 +1344,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.replot:
-        if not args.plots:
-            parser.error("--replot needs --plots")
         return args
     if args.cluster:
         apply_cluster(args)
@@ -1553,8 +1568,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.replot:
         report = json.loads(Path(args.replot).read_text())
-        paths = reporting.write_plots(report, args.plots, args.plot_dpi)
-        print(f"plots: {', '.join(str(path) for path in paths)}")
+        config = report["config"]
+        report["memory"] = memory_figures(
+            report["servers"], report["elapsed_s"], config["warmup_s"], config["duration_s"]
+        )
+        print_memory(report)
+        write_report(report, args.json, args.plots, args.plot_dpi)
         return 0
     try:
         report = run(args)
@@ -1565,15 +1584,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"load_test: {exc}", file=sys.stderr)
         return 2
     print_summary(report)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(
+    write_report(report, args.json, args.plots, args.plot_dpi)
+    return 1 if report["errors"] or report["wrong_tensors"] else 0
+
+
+def write_report(report: dict[str, Any], json_path: str, plots: str, dpi: int) -> None:
+    """The report as JSON to `json_path` and its plots into `plots` (each when set)."""
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(
             json.dumps(report, indent=1, allow_nan=False, default=str) + "\n"
         )
-    if args.plots:
-        paths = reporting.write_plots(report, args.plots, args.plot_dpi)
+    if plots:
+        paths = reporting.write_plots(report, plots, dpi)
         print(f"plots: {', '.join(str(path) for path in paths)}")
-    return 1 if report["errors"] or report["wrong_tensors"] else 0
 
 
 if __name__ == "__main__":

@@ -205,8 +205,8 @@ def memory_drift(
     - samples: the first and last, min and max, `change_pct` (last against first) and
       `range_pct` ((max - min) / first). A sample includes the buffers of the requests
       in flight at that moment, so these swing with the load;
-    - `window_means_mib`: the mean of each whole `window_s` window (starting at
-      `window_starts_s`; a window without a sample is left out), and
+    - `window_means_mib`: the mean of each whole `window_s` window of the span
+      (starting at `window_starts_s`; a window without a sample is left out), and
       `window_drift_pct`: (largest - smallest window mean) / first window mean. "Flat
       within 5 %" is `window_drift_pct` at most 5: what the server holds does not grow
       from one window to the next;
@@ -222,7 +222,9 @@ def memory_drift(
             continue
         times, after = t[keep], rss[keep]
         first = float(after[0])
-        end = min(until_s, float(times[-1]))
+        # Windows tile the judged span: to `until_s` when the run had one (its last
+        # sample lands just before it), else to the last sample.
+        end = until_s if math.isfinite(until_s) else float(times[-1])
         edges = np.arange(warmup_s, end - window_s + 1e-9, window_s)
         windows = [(times >= edge) & (times < edge + window_s) for edge in edges]
         kept = [(edge, window) for edge, window in zip(edges, windows, strict=True) if window.any()]

@@ -135,7 +135,7 @@ def test_report_counts_operations_tiers_and_writes_plots(overflowing_server, tmp
         path = plots / f"{name}.png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert matplotlib.image.imread(path).shape[0] > 100
-    # The same plots again from the JSON report alone.
+    # The memory figures and plots again from the JSON report alone.
     again = tmp_path / "again"
     assert load_test.main(["--replot", str(report_path), "--plots", str(again)]) == 0
     assert sorted(path.name for path in again.iterdir()) == sorted(f"{n}.png" for n in PLOTS)
