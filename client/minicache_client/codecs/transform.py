@@ -68,8 +68,8 @@ def _tiled_product(rows: np.ndarray, first: int, matrix: np.ndarray) -> np.ndarr
     return product.reshape(tiles * _TILE, -1)[lead : lead + count]
 
 
-def _grown(array: Any, value: int) -> np.ndarray:
-    return np.append(to_numpy(array), np.asarray([value], dtype=array.dtype))
+def _grown(array: Any, *values: int) -> np.ndarray:
+    return np.append(to_numpy(array), np.asarray(values, dtype=array.dtype))
 
 
 @dataclass
@@ -197,21 +197,32 @@ class TransformCoded(Codec):
             self._code(ready)
 
     def _code(self, count: int) -> None:
-        """Code the first `count` tokens of `recent` as one block."""
+        """Code the first `count` tokens of `recent`, in blocks of at most
+        `CODE_CHUNK_TOKENS`.
+
+        A chunk of tokens at a time through the float32 steps and the entropy coder: a
+        2,048-token block of a 15-layer group held over 100 MiB of float32 steps at
+        once, and its int32 codes alone were 13-14 MiB (the shipped default, ranks 1,636
+        and 1,785). Every step is per token and the product is tiled by coded token
+        index, so the codes are those of one pass; a restore of the whole group decodes
+        a run of blocks of about this size at a time (`_restore_into`)."""
         self._decoded = None
         side, rope, coder = self._transform()
-        # A chunk of tokens at a time through the float32 steps: a 2,048-token block of
-        # a 15-layer group held over 100 MiB of them at once. Every step is per token and
-        # the product is tiled by coded token index, so the codes are those of one pass.
-        codes = np.empty((count, side.rank), dtype=np.int32)
+        blocks, token_ends, byte_ends, peaks = [], [], [], []
+        coded, size = self.coded_tokens, int(to_numpy(self.stream).size)
         for first in range(0, count, CODE_CHUNK_TOKENS):
             last = min(count, first + CODE_CHUNK_TOKENS)
-            codes[first:last] = self._quantized(side, rope, first, last)
-        data, peak = entropy.encode(codes, side.scales, coder)
-        self.stream = np.concatenate([to_numpy(self.stream), np.frombuffer(data, dtype=np.uint8)])
-        self.block_bytes = _grown(self.block_bytes, self.stream.size)
-        self.block_tokens = _grown(self.block_tokens, self.coded_tokens + count)
-        self.block_peaks = _grown(self.block_peaks, peak)
+            codes = self._quantized(side, rope, first, last).astype(np.int32)
+            data, peak = entropy.encode(codes, side.scales, coder)
+            size += len(data)
+            blocks.append(np.frombuffer(data, dtype=np.uint8))
+            token_ends.append(coded + last)
+            byte_ends.append(size)
+            peaks.append(peak)
+        self.stream = np.concatenate([to_numpy(self.stream), *blocks])
+        self.block_bytes = _grown(self.block_bytes, *byte_ends)
+        self.block_tokens = _grown(self.block_tokens, *token_ends)
+        self.block_peaks = _grown(self.block_peaks, *peaks)
         self.recent = self.recent[:, :, count:].copy()
 
     def _quantized(self, side: SideTransform, rope: list[Any], first: int, last: int) -> Any:
@@ -263,6 +274,21 @@ class TransformCoded(Codec):
         codes = parts[0] if len(parts) == 1 else np.concatenate(parts)  # one block: no copy
         return codes[offset : offset + end - start]
 
+    def _block_runs(self, start: int, end: int) -> list[tuple[int, int]]:
+        """Coded tokens [start, end) cut at block ends into runs of at least
+        `CODE_CHUNK_TOKENS` tokens (the last may be shorter): each block is decoded by
+        one run only."""
+        ends = to_numpy(self.block_tokens)
+        first = int(np.searchsorted(ends, start, side="right"))
+        last = int(np.searchsorted(ends, end - 1, side="right"))
+        runs, run_start = [], start
+        for block_end in ends[first : last + 1].tolist():
+            run_end = min(end, block_end)
+            if run_end - run_start >= CODE_CHUNK_TOKENS or run_end == end:
+                runs.append((run_start, run_end))
+                run_start = run_end
+        return runs
+
     def _restore_coded(self, layer_positions: Sequence[int], start: int, end: int) -> Iterator[Any]:
         """float32 `[kv_heads, end - start, head_dim]` of coded tokens [start, end) for
         each of `layer_positions` (indices into the group), one at a time: the caller
@@ -306,9 +332,20 @@ class TransformCoded(Codec):
             if a >= b:
                 continue
             if part == "coded":
-                layers = self._restore_coded(which, a - lo, b - lo)
-                for out, layer in zip(outs, layers, strict=True):
-                    narrow_into(xp.asarray(layer), out[:, a - start : b - start], dtype)
+                # Every layer of the group: a run of whole blocks at a time, so that only
+                # their codes and coefficients are held, not the whole range's. Some
+                # layers: the whole range, its coefficients kept for the next layers.
+                runs = (
+                    self._block_runs(a - lo, b - lo)
+                    if len(which) >= self.layer_total
+                    else [(a - lo, b - lo)]
+                )
+                for first, last in runs:
+                    layers = self._restore_coded(which, first, last)
+                    for out, layer in zip(outs, layers, strict=True):
+                        narrow_into(
+                            xp.asarray(layer), out[:, lo + first - start : lo + last - start], dtype
+                        )
                 continue
             held = getattr(self, part)
             for out, index in zip(outs, which, strict=True):
