@@ -19,7 +19,7 @@ the decoder reproduces exactly what the encoder intended.
 The code here is array code (NumPy or CuPy). On NumPy, streams the compiled kernels
 cover (`kivi_kernels.usable`: 2-, 4- and 8-bit codes, rows without padding) encode and
 restore through them instead, with the same results bit for bit. They are imported on
-first use (`compiled_kernels`), so Numba and its LLVM (about 34 MiB resident) load only
+first use (`compiled_kernels`), so Numba and its LLVM (58 MiB more resident) load only
 into a process that runs a KIVI stream.
 """
 
